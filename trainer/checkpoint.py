@@ -1,0 +1,138 @@
+"""Checkpoints: a plain dict holding everything needed to continue the same trajectory.
+
+Parameters, optimizer, schedule, grad scaler, RNG states, the data cursor, every stream's
+carried hidden state, autoclip history and counters, plus the config (as nanoGPT does), so
+a run stopped and resumed on CPU produces the same per-step losses bit for bit.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from trainer.config import ConfigError, JobConfig, config_dict
+
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
+
+FORMAT = 1
+# Sections that define the trajectory: resuming with another value would not continue it.
+TRAJECTORY = ("model", "data", "tbptt", "clip", "optim")
+
+
+def _to_cpu(value: Any) -> Any:
+    """A CPU copy that later updates cannot change (the caller may write it later)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_cpu(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    return value.to(device)
+
+
+def capture(trainer: "Trainer") -> dict[str, Any]:
+    cursor, counters = trainer.cursor, trainer.counters
+    rng = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "window": trainer.window_rng.get_state(),
+    }
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "format": FORMAT,
+        "config": config_dict(trainer.config),
+        "step": counters.step,
+        "model": _to_cpu(trainer.model.state_dict()),
+        "optimizer": _to_cpu(trainer.optimizer.state_dict()),
+        "schedule": trainer.schedule.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "clipper": trainer.clipper.state_dict(),
+        "rng": rng,
+        "cursor": {
+            "epoch": cursor.epoch,
+            "position": cursor.position,
+            "kept_position": cursor.kept_position,
+            "kept": _to_cpu(cursor.kept),
+        },
+        "counters": {
+            "step": counters.step,
+            "tokens": counters.tokens,
+            "clipped": counters.clipped,
+            "skipped": counters.skipped,
+            "train_seconds": counters.train_seconds,
+            "recent_losses": list(counters.recent_losses),
+        },
+    }
+
+
+def restore(trainer: "Trainer", state: dict[str, Any]) -> None:
+    if state.get("format") != FORMAT:
+        raise ValueError(f"unsupported checkpoint format {state.get('format')!r}")
+    trainer.model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.schedule.load_state_dict(state["schedule"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    trainer.clipper.load_state_dict(state["clipper"])
+    cur = state["cursor"]
+    trainer.cursor.epoch, trainer.cursor.position = cur["epoch"], cur["position"]
+    trainer.cursor.kept_position = cur["kept_position"]
+    trainer.cursor.kept = _to_device(cur["kept"], trainer.device)
+    c = state["counters"]
+    counters = trainer.counters
+    counters.step, counters.tokens = c["step"], c["tokens"]
+    counters.clipped, counters.skipped, counters.train_seconds = c["clipped"], c["skipped"], c["train_seconds"]
+    counters.recent_losses.clear()
+    counters.recent_losses.extend(c["recent_losses"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    trainer.window_rng.set_state(rng["window"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def check_compatible(config: JobConfig, state: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint into a config that would change the trajectory."""
+    saved, current = state["config"], config_dict(config)
+    for section in TRAJECTORY:
+        if saved.get(section) != current.get(section):
+            raise ConfigError([(section, "differs from the checkpoint's config; resume needs the same " + ", ".join(TRAJECTORY))])
+    if saved["train"]["seed"] != current["train"]["seed"]:
+        raise ConfigError([("train.seed", "differs from the checkpoint's config")])
+
+
+def to_bytes(state: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def from_bytes(data: bytes) -> dict[str, Any]:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+
+def save(path: str | Path, state: dict[str, Any]) -> int:
+    """Write atomically (a crash never leaves a torn checkpoint); return the size."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = to_bytes(state)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return len(data)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    return from_bytes(Path(path).read_bytes())

@@ -1,0 +1,286 @@
+"""The job configuration (SPEC §2): one schema for `unroll train`, the HTTP API and sweeps.
+
+Every section forbids unknown keys, and every error names its dotted field path
+(`tbptt.k2: must be >= 1`), so the API and the CLI report the same message.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    cell: Literal["rnn_tanh", "rnn_relu", "lstm", "gru"] = "lstm"
+    hidden_size: int = Field(128, ge=1)
+    num_layers: int = Field(1, ge=1)
+    embedding_dim: int = Field(32, ge=1)  # token inputs only
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    tie_weights: bool = False
+
+    @model_validator(mode="after")
+    def _tied_shapes(self) -> "ModelConfig":
+        if self.tie_weights and self.embedding_dim != self.hidden_size:
+            raise _FieldError("tie_weights", "needs embedding_dim == hidden_size")
+        return self
+
+
+class RecallData(Section):
+    """Copy the token seen `lag` steps earlier; learnable only with a gradient path >= lag."""
+
+    kind: Literal["recall"]
+    batch_size: int = Field(32, ge=1)
+    vocab: int = Field(4, ge=2, le=65536)
+    lag: int = Field(8, ge=1)
+    length: int = Field(100_000, ge=2)  # steps per stream
+    valid_length: int = Field(4096, ge=2)  # steps per validation stream
+
+
+class AddingData(Section):
+    """Episodes of (value, marker) pairs; the target is the sum of the two marked values."""
+
+    kind: Literal["adding"]
+    batch_size: int = Field(32, ge=1)
+    length: int = Field(100, ge=2)  # steps per episode
+    episodes: int = Field(10_000, ge=1)  # training episodes in all streams together
+    valid_episodes: int = Field(1_000, ge=1)
+
+
+class TextData(Section):
+    kind: Literal["text"]
+    batch_size: int = Field(32, ge=1)
+    path: str | None = None
+    dataset: str | None = None  # id of an uploaded dataset, resolved to a path by the service
+    tokenizer: Literal["char", "word"] = "char"
+    document_separator: str = "\n\n"
+    valid_path: str | None = None
+    valid_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TextData":
+        _require_one_source(self.path, self.dataset)
+        if self.document_separator == "":
+            raise _FieldError("document_separator", "must not be empty")
+        return self
+
+
+class TimeseriesData(Section):
+    kind: Literal["timeseries"]
+    batch_size: int = Field(32, ge=1)
+    path: str | None = None
+    dataset: str | None = None
+    columns: list[str] | None = None  # input features; default: every numeric column
+    target: str
+    valid_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TimeseriesData":
+        _require_one_source(self.path, self.dataset)
+        return self
+
+
+def _require_one_source(path: str | None, dataset: str | None) -> None:
+    if (path is None) == (dataset is None):
+        raise _FieldError("path", "give exactly one of path or dataset")
+
+
+DataConfig = Annotated[
+    Union[RecallData, AddingData, TextData, TimeseriesData], Field(discriminator="kind")
+]
+
+
+class TBPTTConfig(Section):
+    mode: Literal["truncated", "full"] = "truncated"
+    k1: int = Field(24, ge=1)  # steps between parameter updates
+    k2: int | None = Field(None, ge=1)  # steps the gradient flows back; default k1
+    reset_on: Literal["none", "document"] = "none"
+    randomize: bool = False
+    checkpoint_every: int = Field(0, ge=0)
+    reset_each_epoch: bool = False
+
+    @model_validator(mode="after")
+    def _defaults_and_rules(self) -> "TBPTTConfig":
+        if self.k2 is None:
+            object.__setattr__(self, "k2", self.k1)
+        if self.randomize and self.k1 != self.k2:
+            raise _FieldError("randomize", "requires k1 == k2")
+        if self.randomize and self.mode == "full":
+            raise _FieldError("randomize", "applies to mode: truncated only")
+        return self
+
+
+class ClipConfig(Section):
+    mode: Literal["none", "norm", "value", "agc", "autoclip"] = "norm"
+    max_norm: float = Field(1.0, gt=0.0)
+    norm_type: float = Field(2.0, gt=0.0)
+    value: float | None = Field(None, gt=0.0)
+    agc_factor: float = Field(0.01, gt=0.0)
+    agc_eps: float = Field(1e-3, gt=0.0)
+    percentile: float = Field(10.0, gt=0.0, le=100.0)
+    history: int = Field(1000, ge=1)
+    per_parameter: bool = False
+    on_nonfinite: Literal["skip", "fail"] = "skip"
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> "ClipConfig":
+        if self.mode == "value" and self.value is None:
+            raise _FieldError("value", "required when mode is value")
+        if self.per_parameter and self.mode != "norm":
+            raise _FieldError("per_parameter", "applies to mode: norm only")
+        return self
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(0.003, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)  # sgd only
+    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
+    schedule: Literal["constant", "cosine", "step", "plateau"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0.0)  # cosine floor
+    step_size: int = Field(1000, ge=1)  # step: updates between decays
+    gamma: float = Field(0.1, gt=0.0, le=1.0)  # step and plateau: decay factor
+    patience: int = Field(2, ge=0)  # plateau: evaluations without improvement
+
+
+class TrainConfig(Section):
+    max_steps: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1)
+    eval_every: int = Field(200, ge=0)  # 0: evaluate only at the end
+    checkpoint_every: int = Field(500, ge=0)  # 0: checkpoint only at the end
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "TrainConfig":
+        if self.max_steps is None and self.epochs is None:
+            object.__setattr__(self, "max_steps", 2000)
+        elif self.max_steps is not None and self.epochs is not None:
+            raise _FieldError("epochs", "give max_steps or epochs, not both")
+        return self
+
+
+class ResourcesConfig(Section):
+    gpus: float = Field(0, ge=0)
+    cpus: float = Field(1, gt=0)
+    workers: int = Field(1, ge=1)
+
+
+class JobConfig(Section):
+    name: str | None = Field(None, max_length=200)
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=32
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    tbptt: TBPTTConfig = Field(default_factory=TBPTTConfig)
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    priority: int = 0
+    max_attempts: int = Field(3, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> "JobConfig":
+        tokens = self.data.kind in ("recall", "text")
+        if self.model.tie_weights and not tokens:
+            raise _FieldError("model.tie_weights", "needs token inputs (recall or text)")
+        if self.tbptt.reset_on == "document" and self.data.kind in ("recall", "timeseries"):
+            raise _FieldError("tbptt.reset_on", f"data.kind {self.data.kind} has no documents")
+        return self
+
+
+class _FieldError(ValueError):
+    """A rule across fields, broken at a known field (pydantic would name only the
+    enclosing section); `path` is relative to the section that raised it."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+class ConfigError(ValueError):
+    """An invalid job config: a list of (field path, message), printed one per line."""
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        self.errors = errors
+        super().__init__("\n".join(f"{path}: {msg}" if path else msg for path, msg in errors))
+
+    @property
+    def first_field(self) -> str:
+        return self.errors[0][0]
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    # Drop the discriminator tag pydantic inserts for unions (data.recall.lag -> data.lag).
+    parts = [str(p) for i, p in enumerate(loc) if not (i == 1 and loc[0] == "data" and p in _KINDS)]
+    return ".".join(parts)
+
+
+_KINDS = {"recall", "adding", "text", "timeseries"}
+
+
+def _message(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing":
+        return "required"
+    if kind == "union_tag_invalid":
+        return "must be one of recall, adding, text, timeseries"
+    if kind == "union_tag_not_found":
+        return "kind is required (recall, adding, text or timeseries)"
+    ctx = err.get("ctx") or {}
+    for bound, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if bound in ctx and kind.endswith(("greater_than_equal", "greater_than", "less_than_equal", "less_than")):
+            return f"must be {word} {ctx[bound]}"
+    msg = err["msg"]
+    return msg.removeprefix("Value error, ")
+
+
+def parse_config(raw: dict[str, Any] | JobConfig) -> JobConfig:
+    """Validate a config dict; raise ConfigError naming each bad field."""
+    if isinstance(raw, JobConfig):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError([("", "a job config must be a mapping")])
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors():
+            cause = (err.get("ctx") or {}).get("error")
+            if isinstance(cause, _FieldError):
+                errors.append((".".join(filter(None, (_path(err["loc"]), cause.path))), cause.message))
+            elif err["type"].startswith("union_tag"):
+                errors.append((_path(err["loc"]) + ".kind", _message(err)))
+            else:
+                errors.append((_path(err["loc"]), _message(err)))
+        raise ConfigError(errors) from None
+
+
+def load_config(path: str | Path) -> JobConfig:
+    """Read a YAML or JSON file (JSON is YAML) and validate it."""
+    text = Path(path).read_text()
+    try:
+        raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError([("", f"{path}: not valid YAML/JSON: {exc}")]) from None
+    return parse_config(raw)
+
+
+def config_dict(config: JobConfig) -> dict[str, Any]:
+    """The canonical, JSON-ready form stored with jobs and inside checkpoints."""
+    return config.model_dump(mode="json")

@@ -1,0 +1,360 @@
+"""The training loop: `fit(config, callbacks) -> Summary`.
+
+The loop does no I/O: metrics, evaluations and checkpoints go to callbacks (the CLI
+writes files, the workers write the database), and callbacks can ask it to stop between
+windows (cancellation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.clipping import Clipper
+from trainer.config import ConfigError, JobConfig, config_dict, parse_config
+from trainer.data import Data, load_data
+from trainer.models import RNNModel, count_parameters
+from trainer.optim import Schedule, build_optimizer
+from trainer.tbptt import Runner, detach, evaluate, map_state, plan_update
+
+
+class Callback:
+    """Hooks the loop reports through; every method is optional."""
+
+    def on_start(self, info: dict[str, Any]) -> None: ...
+    def on_update(self, step: int, metrics: dict[str, float | None]) -> None: ...
+    def on_eval(self, step: int, metrics: dict[str, float | None]) -> None: ...
+    def on_checkpoint(self, step: int, checkpoint: dict[str, Any]) -> None: ...
+    def should_stop(self) -> bool:
+        return False
+    def on_end(self, summary: "Summary") -> None: ...
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient with `clip.on_nonfinite: fail`."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"non-finite {what} at step {step} (clip.on_nonfinite: fail)")
+        self.step = step
+
+
+@dataclass
+class Summary:
+    steps: int
+    epochs: float
+    final_train_loss: float | None
+    final_valid_loss: float | None
+    tokens_per_s: float
+    wall_s: float
+    peak_memory_bytes: int
+    clipped_fraction: float
+    skipped_steps: int
+    stopped: str  # completed | cancelled
+    valid_accuracy: float | None = None
+    valid_ppl: float | None = None
+    valid_bpc: float | None = None
+    valid_mse: float | None = None
+    parameters: int = 0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None or k.startswith("final")}
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError([("train.device", "cuda requested but no CUDA device is visible")])
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@dataclass
+class Cursor:
+    """Where the streams are: the next window starts at `position`; `kept` is the
+    carried state at `kept_position` (see tbptt.plan_update)."""
+
+    epoch: int = 0
+    position: int = 0
+    kept_position: int = 0
+    kept: Any = None
+
+
+@dataclass
+class Counters:
+    step: int = 0
+    tokens: int = 0
+    clipped: int = 0
+    skipped: int = 0
+    train_seconds: float = 0.0
+    recent_losses: deque = field(default_factory=lambda: deque(maxlen=50))
+
+
+class Trainer:
+    """Everything one run holds; `update()` performs one TBPTT update."""
+
+    def __init__(self, config: JobConfig, data: Data, device: torch.device):
+        self.config, self.data, self.device = config, data, device
+        torch.manual_seed(config.train.seed)
+        self.model = RNNModel(config.model, data.task).to(device)
+        self.params = list(self.model.parameters())
+        self.optimizer = build_optimizer(config.optim, self.params)
+        self.schedule = Schedule(config.optim, self.total_steps())
+        self.clipper = Clipper(config.clip)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
+        self.window_rng = torch.Generator().manual_seed(config.train.seed)
+        tb = config.tbptt
+        self.runner = Runner(self.model, tb.reset_on == "document", tb.checkpoint_every, self._autocast)
+        self.streams = data.train
+        self.cursor = Cursor(kept=self.model.initial_state(self.streams.batch_size, device))
+        self.counters = Counters()
+        self._full_bounds = self._full_mode_bounds() if tb.mode == "full" else None
+
+    # -- the window -------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        precision = self.config.train.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _full_mode_bounds(self) -> list[int]:
+        if self.config.tbptt.reset_on != "document":
+            return [self.streams.length]
+        starts = self.streams.aligned_starts()
+        if starts is None:
+            raise ConfigError([("tbptt.mode", "full with reset_on: document needs documents that start at the same step in every stream")])
+        return sorted({*starts, self.streams.length} - {0})
+
+    def window_length(self) -> tuple[int, int, float]:
+        """(k1, k2, learning-rate scale) of the next window."""
+        tb, position = self.config.tbptt, self.cursor.position
+        if self._full_bounds is not None:
+            k = next(b for b in self._full_bounds if b > position) - position
+            return k, k, 1.0
+        if not tb.randomize:
+            return tb.k1, tb.k2, 1.0
+        # AWD-LSTM (Merity et al., 2017): a window of k, or k/2 with probability 0.05,
+        # jittered by Normal(0, 5) and at least 5 steps; lr scaled by drawn/k.
+        base = tb.k1 if torch.rand((), generator=self.window_rng).item() < 0.95 else tb.k1 / 2
+        drawn = max(5, int(torch.normal(base, 5.0, (), generator=self.window_rng).item()))
+        drawn = min(drawn, self.streams.length - position)
+        return drawn, drawn, drawn / tb.k1
+
+    def total_steps(self) -> int:
+        train = self.config.train
+        if train.max_steps is not None:
+            return train.max_steps
+        per_epoch = math.ceil(self.data.train.length / self.config.tbptt.k1)
+        return per_epoch * train.epochs
+
+    # -- one update -------------------------------------------------------------------
+
+    def update(self) -> dict[str, float | None]:
+        started = time.perf_counter()
+        cursor, counters = self.cursor, self.counters
+        k1, k2, lr_scale = self.window_length()
+        plan = plan_update(cursor.position, cursor.kept_position, k1, k2, self.streams.length)
+        host = self.streams.window(plan.kept, plan.end)
+        count = int(host.scored[plan.loss - plan.kept :].sum())
+        window = host.to(self.device)
+
+        state = cursor.kept
+        if plan.kept < plan.graph:
+            state = self.runner.advance(window, plan.kept, plan.kept, plan.graph, state)
+        state = detach(state)
+        lr = self.schedule.lr(counters.step) * lr_scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.enable_grad() if count else torch.no_grad():
+            loss_sum, kept = self.runner.loss(window, plan.kept, plan, state)
+        new_steps = plan.end - cursor.position
+        metrics: dict[str, float | None] = {"train/lr": lr, "train/k1": float(new_steps)}
+        if count:
+            metrics.update(self._step_optimizer(loss_sum / count))
+        else:  # no scored step in this window (e.g. mid-episode): nothing to learn from
+            metrics.update({"train/loss": None, "train/grad_norm": None, "train/grad_norm_clipped": None, "train/clipped": 0.0, "train/skipped": 0.0})
+
+        self._advance_cursor(plan, kept)
+        new_tokens = new_steps * self.streams.batch_size
+        counters.tokens += new_tokens
+        counters.step += 1
+        elapsed = time.perf_counter() - started
+        counters.train_seconds += elapsed
+        metrics["train/tokens_per_s"] = new_tokens / elapsed if elapsed > 0 else None
+        return metrics
+
+    def _step_optimizer(self, loss: torch.Tensor) -> dict[str, float | None]:
+        counters, cfg = self.counters, self.config
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.clipper.clip(self.params)
+        loss_value, norm, clipped_norm, clipped = torch.stack(
+            [loss.detach().float(), clip.norm.float(), clip.clipped_norm.float(), clip.clipped.float()]
+        ).tolist()
+        finite_loss, finite_grad = math.isfinite(loss_value), math.isfinite(norm)
+        skipped = not (finite_loss and finite_grad)
+        if skipped and cfg.clip.on_nonfinite == "fail" and not (self.scaler.is_enabled() and finite_loss):
+            raise NonFiniteError(counters.step + 1, "gradient" if finite_loss else "loss")
+        if not skipped:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        counters.clipped += int(clipped)
+        counters.skipped += int(skipped)
+        if finite_loss:
+            counters.recent_losses.append(loss_value)
+        return {
+            "train/loss": finite_or_none(loss_value),
+            "train/grad_norm": finite_or_none(norm),
+            "train/grad_norm_clipped": finite_or_none(clipped_norm),
+            "train/clipped": float(clipped),
+            "train/skipped": float(skipped),
+        }
+
+    def _advance_cursor(self, plan, kept) -> None:
+        cursor = self.cursor
+        kept = detach(kept)
+        if not all(torch.isfinite(s).all() for s in (kept if isinstance(kept, tuple) else (kept,))):
+            kept = map_state(torch.zeros_like, kept)  # nothing can follow from a non-finite state
+        cursor.position, cursor.kept_position, cursor.kept = plan.end, plan.keep, kept
+        if plan.end == self.streams.length:  # the epoch is over: the stream starts again
+            cursor.epoch += 1
+            cursor.position = cursor.kept_position = 0
+            if self.config.tbptt.reset_each_epoch:
+                cursor.kept = map_state(torch.zeros_like, kept)
+
+    # -- evaluation and checkpoints ---------------------------------------------------
+
+    def evaluate(self) -> dict[str, float | None]:
+        result = evaluate(self.runner, self.data.valid, self.device)
+        loss, task = result["loss"], self.data.task
+        metrics = {"valid/loss": loss}
+        if task.metric == "accuracy":
+            metrics["valid/accuracy"] = result["correct"]
+        elif task.metric == "ppl":
+            metrics["valid/ppl"] = math.exp(loss) if loss < 700 else math.inf
+            if task.bits_per_char:
+                metrics["valid/bpc"] = loss / math.log(2)
+        else:
+            metrics["valid/mse"] = loss
+        self.schedule.observe(loss)
+        return {k: finite_or_none(v) for k, v in metrics.items()}
+
+    def done(self) -> bool:
+        train = self.config.train
+        if train.max_steps is not None:
+            return self.counters.step >= train.max_steps
+        return self.cursor.epoch >= train.epochs
+
+    def state_dict(self) -> dict[str, Any]:
+        return ckpt.capture(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ckpt.restore(self, state)
+
+
+def fit(
+    config: JobConfig | dict,
+    callbacks: Iterable[Callback] = (),
+    resume: dict[str, Any] | None = None,
+    resolve: Callable[[str], Path] | None = None,
+) -> Summary:
+    """Train a job config to its budget; report through callbacks; return the summary."""
+    config = parse_config(config)
+    callbacks = list(callbacks)
+    wall_start = time.perf_counter()
+    device = pick_device(config.train.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    data = load_data(config.data, config.train.seed, resolve)
+    trainer = Trainer(config, data, device)
+    if resume is not None:
+        ckpt.check_compatible(config, resume)
+        trainer.load_state_dict(resume)
+    info = {
+        "parameters": count_parameters(trainer.model),
+        "device": str(device),
+        "total_steps": trainer.total_steps(),
+        "start_step": trainer.counters.step,
+        "config": config_dict(config),
+    }
+    for cb in callbacks:
+        cb.on_start(info)
+
+    train, counters = config.train, trainer.counters
+    valid: dict[str, float | None] = {}
+    stopped = "completed"
+    while not trainer.done():
+        if any(cb.should_stop() for cb in callbacks):
+            stopped = "cancelled"
+            break
+        metrics = trainer.update()
+        for cb in callbacks:
+            cb.on_update(counters.step, metrics)
+        last = trainer.done()
+        if (train.eval_every and counters.step % train.eval_every == 0) or last:
+            valid = trainer.evaluate()
+            for cb in callbacks:
+                cb.on_eval(counters.step, valid)
+        if (train.checkpoint_every and counters.step % train.checkpoint_every == 0) or last:
+            _checkpoint(trainer, callbacks)
+    if stopped == "cancelled" and counters.step:
+        _checkpoint(trainer, callbacks)
+
+    summary = _summary(trainer, valid, stopped, time.perf_counter() - wall_start, info)
+    for cb in callbacks:
+        cb.on_end(summary)
+    return summary
+
+
+def _checkpoint(trainer: Trainer, callbacks: list[Callback]) -> None:
+    if not any(type(cb).on_checkpoint is not Callback.on_checkpoint for cb in callbacks):
+        return  # nobody stores checkpoints: do not pay for copying the state
+    state = trainer.state_dict()
+    for cb in callbacks:
+        cb.on_checkpoint(trainer.counters.step, state)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _summary(trainer: Trainer, valid: dict, stopped: str, wall_s: float, info: dict) -> Summary:
+    c = trainer.counters
+    recent = list(c.recent_losses)
+    steps = max(c.step, 1)
+    return Summary(
+        steps=c.step,
+        epochs=trainer.cursor.epoch + trainer.cursor.position / trainer.streams.length,
+        final_train_loss=sum(recent) / len(recent) if recent else None,
+        final_valid_loss=valid.get("valid/loss"),
+        valid_accuracy=valid.get("valid/accuracy"),
+        valid_ppl=valid.get("valid/ppl"),
+        valid_bpc=valid.get("valid/bpc"),
+        valid_mse=valid.get("valid/mse"),
+        tokens_per_s=c.tokens / c.train_seconds if c.train_seconds else 0.0,
+        wall_s=wall_s,
+        peak_memory_bytes=peak_memory_bytes(trainer.device),
+        clipped_fraction=c.clipped / steps,
+        skipped_steps=c.skipped,
+        stopped=stopped,
+        parameters=info["parameters"],
+        device=info["device"],
+    )

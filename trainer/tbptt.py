@@ -1,0 +1,197 @@
+"""Truncated backpropagation through time: which steps an update computes, and how.
+
+The rule (SPEC §1), written once, in `plan_update`. Positions count steps consumed: the
+state "at position t" is the state after steps 0..t-1 (tensor rows are 0-based steps).
+An update covers the window (p, τ] with τ = min(p + k1, length):
+
+- the graph starts at g = max(τ − k2, kept), from the kept carried state taken as a
+  constant. `kept` is the position of the state kept by the previous update: p when
+  k2 <= k1, p − (k2 − k1) when k2 > k1 (so g = τ − k2 except where the stream starts, or
+  at the stream's short last window, where the graph reaches back to the kept state);
+- the loss is taken on steps (max(p, τ − k2), τ] = (τ − min(k1, k2), τ];
+- steps kept+1 .. g advance the state without a graph (k2 < k1), steps g+1 .. p are
+  recomputed with the current parameters (k2 > k1: the overlap carries gradient, not
+  loss);
+- the state at max(τ − (k2 − k1), g) is kept for the next update (τ at the stream's end).
+
+With `reset_on: document` the state of one stream is zeroed before the first step of each
+of its documents; multiplying by zero also stops the gradient, so no graph crosses a
+document boundary. The recurrent stack runs as one fused call per segment; segments are
+cut only where a document starts, where the kept state must be captured, and every
+`checkpoint_every` steps of the graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from trainer.data import IGNORE, Streams, Window
+from trainer.models import RNNModel, State
+
+
+@dataclass(frozen=True)
+class Plan:
+    kept: int  # position of the carried state this update starts from
+    graph: int  # g: the graph starts here
+    loss: int  # the loss covers steps [loss, end)
+    end: int  # τ: the update boundary
+    keep: int  # position whose state is kept for the next update
+
+
+def plan_update(p: int, kept: int, k1: int, k2: int, length: int) -> Plan:
+    """The TBPTT(k1, k2) rule for the window that starts at position p."""
+    end = min(p + k1, length)
+    graph = max(end - k2, kept)
+    loss = max(p, end - k2)
+    keep = end if end == length else max(end - max(0, k2 - k1), graph)
+    return Plan(kept=kept, graph=graph, loss=loss, end=end, keep=keep)
+
+
+# -- state helpers ----------------------------------------------------------------------
+
+
+def map_state(fn: Callable[[torch.Tensor], torch.Tensor], state: State) -> State:
+    return tuple(fn(s) for s in state) if isinstance(state, tuple) else fn(state)
+
+
+def detach(state: State) -> State:
+    return map_state(torch.Tensor.detach, state)
+
+
+def _reset(state: State, starts: torch.Tensor) -> State:
+    keep = (~starts).to(_first(state).dtype).view(1, -1, 1)
+    return map_state(lambda s: s * keep, state)
+
+
+def _first(state: State) -> torch.Tensor:
+    return state[0] if isinstance(state, tuple) else state
+
+
+def _flat(state: State) -> tuple[torch.Tensor, ...]:
+    return state if isinstance(state, tuple) else (state,)
+
+
+def _unflat(tensors: tuple[torch.Tensor, ...], like: State) -> State:
+    return tuple(tensors) if isinstance(like, tuple) else tensors[0]
+
+
+# -- running segments -------------------------------------------------------------------
+
+
+@dataclass
+class Runner:
+    """Runs a model over stream windows: fused calls between cuts, optional resets,
+    optional activation checkpointing, losses summed over scored steps."""
+
+    model: RNNModel
+    reset_on_document: bool = False
+    checkpoint_every: int = 0
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    def cuts(self, window: Window, start: int, end: int, base: int, extra: tuple[int, ...] = ()) -> list[int]:
+        """Segment boundaries in [start, end]; `window` holds steps from position base."""
+        points = {start, end, *(x for x in extra if start < x < end)}
+        if self.reset_on_document:
+            rows = window.starts[start - base + 1 : end - base].any(dim=1).nonzero().flatten()
+            points.update((rows + start + 1).tolist())
+        if self.checkpoint_every:
+            points.update(range(start, end, self.checkpoint_every))
+        return sorted(points)
+
+    def advance(self, window: Window, base: int, start: int, end: int, state: State) -> State:
+        """Move the state from position start to end without building a graph."""
+        with torch.no_grad(), self.autocast():
+            for a, b in _pairs(self.cuts(window, start, end, base)):
+                state = self._segment_state(window, base, a, b, state)
+        return state
+
+    def _segment_state(self, window: Window, base: int, a: int, b: int, state: State) -> State:
+        if self.reset_on_document:
+            state = _reset(state, window.starts[a - base])
+        _, state = self.model.recur(window.inputs[a - base : b - base], state)
+        return state
+
+    def loss(self, window: Window, base: int, plan: Plan, state: State) -> tuple[torch.Tensor, State]:
+        """Sum of the losses of steps [plan.loss, plan.end), with the graph from plan.graph.
+
+        Returns the summed loss and the state at plan.keep (attached to the graph where
+        it lies inside it; detach before carrying it on)."""
+        total = torch.zeros((), device=_first(state).device)
+        kept = state
+        with self.autocast():
+            for a, b in _pairs(self.cuts(window, plan.graph, plan.end, base, (plan.keep,))):
+                lo = max(a, plan.loss)
+                if self.checkpoint_every:
+                    flat = checkpoint(self._segment, window, base, a, b, lo, *_flat(state), use_reentrant=False)
+                    part, state = flat[0], _unflat(flat[1:], state)
+                else:
+                    part, state = self._segment_loss(window, base, a, b, lo, state)
+                total = total + part
+                if b == plan.keep:
+                    kept = state
+        return total, kept
+
+    def _segment(self, window, base, a, b, lo, *flat_state):
+        part, state = self._segment_loss(window, base, a, b, lo, _unflat(flat_state, self._like))
+        return (part, *_flat(state))
+
+    @property
+    def _like(self) -> State:
+        return (None, None) if self.model.cell == "lstm" else None
+
+    def _segment_loss(self, window: Window, base: int, a: int, b: int, lo: int, state: State):
+        if self.reset_on_document:
+            state = _reset(state, window.starts[a - base])
+        outputs, state = self.model.recur(window.inputs[a - base : b - base], state)
+        if lo >= b:
+            return outputs.new_zeros(()).float() * 0, state
+        pred = self.model.head(outputs[lo - a :])
+        return loss_sum(pred, window.targets[lo - base : b - base], window.scored[lo - base : b - base]), state
+
+
+def loss_sum(pred: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Summed loss over scored steps: cross-entropy for classes, squared error for values."""
+    if pred.dim() == targets.dim() + 1:
+        return F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return ((pred.float() - targets) ** 2 * scored).sum()
+
+
+def _pairs(points: list[int]):
+    return zip(points[:-1], points[1:])
+
+
+# -- evaluation -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(runner: Runner, streams: Streams, device: torch.device, chunk: int = 512) -> dict[str, float]:
+    """Run the validation streams from a zero state, carrying it across chunks."""
+    model = runner.model
+    was_training = model.training
+    model.eval()
+    state = model.initial_state(streams.batch_size, device)
+    loss = correct = count = 0.0
+    try:
+        with runner.autocast():
+            for start in range(0, streams.length, chunk):
+                end = min(start + chunk, streams.length)
+                window = streams.window(start, end).to(device)
+                for a, b in _pairs(runner.cuts(window, start, end, start)):
+                    if runner.reset_on_document:
+                        state = _reset(state, window.starts[a - start])
+                    outputs, state = model.recur(window.inputs[a - start : b - start], state)
+                    pred = model.head(outputs)
+                    targets, scored = window.targets[a - start : b - start], window.scored[a - start : b - start]
+                    loss += loss_sum(pred, targets, scored).item()
+                    count += scored.sum().item()
+                    if pred.dim() == targets.dim() + 1:
+                        correct += ((pred.argmax(-1) == targets) & scored).sum().item()
+    finally:
+        model.train(was_training)
+    return {"loss": loss / max(count, 1), "correct": correct / max(count, 1), "count": count}
