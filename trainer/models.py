@@ -41,7 +41,8 @@ class RNNModel(nn.Module):
             self.decoder.weight = self.encoder.weight
         self.hidden_size, self.num_layers = cfg.hidden_size, cfg.num_layers
 
-    def initial_state(self, batch_size: int, device: torch.device, dtype=torch.float32) -> State:
+    def initial_state(self, batch_size: int, device: torch.device) -> State:
+        dtype = self.decoder.weight.dtype
         zeros = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=dtype)
         return (zeros, zeros.clone()) if self.cell == "lstm" else zeros
 

@@ -150,16 +150,17 @@ class Runner:
             state = _reset(state, window.starts[a - base])
         outputs, state = self.model.recur(window.inputs[a - base : b - base], state)
         if lo >= b:
-            return outputs.new_zeros(()).float() * 0, state
+            return outputs.new_zeros(()), state
         pred = self.model.head(outputs[lo - a :])
         return loss_sum(pred, window.targets[lo - base : b - base], window.scored[lo - base : b - base]), state
 
 
 def loss_sum(pred: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
     """Summed loss over scored steps: cross-entropy for classes, squared error for values."""
+    pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # fp16/bf16 losses in fp32
     if pred.dim() == targets.dim() + 1:
-        return F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    return ((pred.float() - targets) ** 2 * scored).sum()
+        return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return ((pred - targets) ** 2 * scored).sum()
 
 
 def _pairs(points: list[int]):
