@@ -130,7 +130,13 @@ class Trainer:
         if precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        stack = contextlib.ExitStack()
+        if self.device.type == "cpu":
+            # oneDNN has no reduced-precision LSTM primitive on most CPUs; ATen's kernel
+            # runs the recurrence in fp32 while autocast lowers the other layers.
+            stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+        stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
+        return stack
 
     def _full_mode_bounds(self) -> list[int]:
         if self.config.tbptt.reset_on != "document":
