@@ -1,0 +1,78 @@
+"""Every setting of the service, read from the environment (prefix ``UNROLL_``) or ``.env``.
+
+One class, one cached accessor. Nothing here connects to anything: reading settings is
+free, so any module may call ``get_settings()`` at call time (never at import time, so that
+tests can change the environment and call ``get_settings.cache_clear()``).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="UNROLL_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    # --- where things live (SPEC §6) ---
+    # Any SQLAlchemy URL; the driver is chosen per role (service.db.session), so
+    # `postgresql://...` serves both the async API (asyncpg) and sync workers (psycopg).
+    database_url: str = "sqlite:///.unroll/unroll.db"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # None: start a local Ray instance.
+    ray_address: str | None = None
+    # Artifact store root: a local path or any fsspec URL.
+    artifacts: str = ".unroll/artifacts"
+    # Directories that a job's `data.path` may point into. The environment form is a
+    # list separated by os.pathsep or commas (or a JSON list).
+    data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+
+    # --- access and quotas ---
+    admin_token: SecretStr | None = None
+    max_queued_per_project: int = Field(default=10_000, ge=0)
+    # The largest model (parameter count) a job may ask for.
+    max_params: int = Field(default=50_000_000, ge=1)
+
+    # --- execution ---
+    # A running attempt must renew its lease within this many seconds or it is lost.
+    lease_seconds: int = Field(default=30, ge=1)
+
+    # --- database tuning ---
+    db_pool_size: int = Field(default=5, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    # Seconds to wait for a connection to the server before reporting it unavailable.
+    db_connect_timeout: float = Field(default=5.0, gt=0)
+    # SQLite: how long a writer waits for the lock held by another writer.
+    sqlite_busy_timeout_ms: int = Field(default=5_000, ge=0)
+    db_echo: bool = False
+
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if not text:
+                return []
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            parts = [p for chunk in text.split(os.pathsep) for p in chunk.split(",")]
+            return [p.strip() for p in parts if p.strip()]
+        return value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings. Tests override with ``get_settings.cache_clear()``."""
+    return Settings()
