@@ -1,0 +1,689 @@
+"""Queries and writes of the service, one function per question. Each takes a sync Session
+and never commits: the caller owns the transaction (``session_scope``, or
+``await async_session.run_sync(fn, ...)`` from async code). Job state changes are not
+here: they belong to service.db.states.
+
+Writes made on behalf of an attempt (metrics, checkpoints, log lines) are fenced: each
+is a single ``INSERT … SELECT … WHERE EXISTS (the job runs this attempt)`` statement, so a
+stale attempt's write is refused (StaleAttempt) and never half-applied, with no window
+between the check and the write.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.db.base import UTCDateTime, new_id, utcnow
+from service.db.errors import NotFound, StaleAttempt
+from service.db.models import (
+    ApiToken,
+    Attempt,
+    Checkpoint,
+    Dataset,
+    Job,
+    JobLog,
+    JobState,
+    Metric,
+    Project,
+    Sweep,
+)
+
+# --- projects and tokens ------------------------------------------------------------------
+
+
+def get_project(session: Session, project_id: str) -> Project:
+    project = session.get(Project, project_id)
+    if project is None:
+        raise NotFound("project", project_id)
+    return project
+
+
+def get_or_create_project(session: Session, name: str) -> Project:
+    """The project called `name`, created if needed (safe when two callers race)."""
+    found = session.execute(sa.select(Project).where(Project.name == name)).scalar_one_or_none()
+    if found is not None:
+        return found
+    try:
+        with session.begin_nested():
+            project = Project(id=new_id("project"), name=name)
+            session.add(project)
+        return project
+    except IntegrityError:
+        return session.execute(sa.select(Project).where(Project.name == name)).scalar_one()
+
+
+TOKEN_PREFIX = "unroll_"
+
+
+def hash_token(token: str) -> str:
+    """Tokens are stored as sha256 hex: they are long random secrets, so a fast hash is
+    enough (no salt or slow KDF needed), and lookup is by equality on the hash."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(
+    session: Session, project_id: str, *, name: str | None = None, expires_at: datetime | None = None
+) -> tuple[str, ApiToken]:
+    """A new token for the project: (the secret, shown once; its row)."""
+    secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    row = ApiToken(
+        id=new_id("token"), project_id=project_id, token_hash=hash_token(secret), name=name, expires_at=expires_at
+    )
+    session.add(row)
+    session.flush()
+    return secret, row
+
+
+# Write `last_used_at` at most this often: a token is used on every request.
+_TOKEN_TOUCH_INTERVAL = timedelta(seconds=60)
+
+
+def authenticate(session: Session, token: str, *, now: datetime | None = None) -> ApiToken | None:
+    """The live (not revoked, not expired) token row for a secret, or None."""
+    now = now or utcnow()
+    row = session.execute(
+        sa.select(ApiToken).where(
+            ApiToken.token_hash == hash_token(token),
+            ApiToken.revoked_at.is_(None),
+            sa.or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > now),
+        )
+    ).scalar_one_or_none()
+    if row is not None and (row.last_used_at is None or now - row.last_used_at >= _TOKEN_TOUCH_INTERVAL):
+        row.last_used_at = now
+    return row
+
+
+def revoke_token(session: Session, token_id: str, *, now: datetime | None = None) -> bool:
+    result = session.execute(
+        sa.update(ApiToken)
+        .where(ApiToken.id == token_id, ApiToken.revoked_at.is_(None))
+        .values(revoked_at=now or utcnow())
+    )
+    return result.rowcount == 1
+
+
+# --- jobs ---------------------------------------------------------------------------------
+
+
+def create_job(
+    session: Session,
+    *,
+    project_id: str,
+    config: Mapping[str, Any],
+    name: str | None = None,
+    tags: Sequence[str] = (),
+    priority: int = 0,
+    max_attempts: int = 3,
+    max_steps: int | None = None,
+    idempotency_key: str | None = None,
+    sweep_id: str | None = None,
+) -> tuple[Job, bool]:
+    """Insert a queued job. With an idempotency key already used in this project, the
+    existing job is returned instead. Returns (job, created)."""
+    if idempotency_key is not None:
+        existing = get_job_by_idempotency_key(session, project_id, idempotency_key)
+        if existing is not None:
+            return existing, False
+    job = Job(
+        id=new_id("job"),
+        project_id=project_id,
+        config=dict(config),
+        name=name,
+        tags=list(tags),
+        priority=priority,
+        max_attempts=max_attempts,
+        max_steps=max_steps,
+        idempotency_key=idempotency_key,
+        sweep_id=sweep_id,
+        state=JobState.QUEUED,
+    )
+    if idempotency_key is None:
+        session.add(job)
+        session.flush()
+        return job, True
+    try:
+        with session.begin_nested():  # a concurrent submission with the same key may win
+            session.add(job)
+        return job, True
+    except IntegrityError:
+        existing = get_job_by_idempotency_key(session, project_id, idempotency_key)
+        if existing is None:
+            raise
+        return existing, False
+
+
+def get_job_by_idempotency_key(session: Session, project_id: str, key: str) -> Job | None:
+    return session.execute(
+        sa.select(Job).where(Job.project_id == project_id, Job.idempotency_key == key)
+    ).scalar_one_or_none()
+
+
+def get_job(session: Session, job_id: str, project_id: str | None = None) -> Job:
+    """The job; NotFound when unknown or (with project_id) another project's."""
+    stmt = sa.select(Job).where(Job.id == job_id)
+    if project_id is not None:
+        stmt = stmt.where(Job.project_id == project_id)
+    job = session.execute(stmt).scalar_one_or_none()
+    if job is None:
+        raise NotFound("job", job_id)
+    return job
+
+
+def _encode_cursor(created_at: datetime, object_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{object_id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        stamp, object_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(stamp), object_id
+    except Exception as exc:
+        raise ValueError("invalid cursor") from exc
+
+
+def _tag_filter(session: Session, tag: str) -> sa.ColumnElement[bool]:
+    if session.get_bind().dialect.name == "postgresql":
+        return Job.tags.op("@>")(sa.cast([tag], postgresql.JSONB))
+    each = sa.func.json_each(Job.tags).table_valued("value")
+    return sa.exists(sa.select(1).select_from(each).where(each.c.value == tag))
+
+
+def list_jobs(
+    session: Session,
+    project_id: str,
+    *,
+    state: JobState | None = None,
+    sweep_id: str | None = None,
+    tag: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[Job], str | None]:
+    """A page of the project's jobs, newest first, and the cursor of the next page (None at
+    the end). Raises ValueError for a malformed cursor."""
+    stmt = sa.select(Job).where(Job.project_id == project_id)
+    if state is not None:
+        stmt = stmt.where(Job.state == JobState(state))
+    if sweep_id is not None:
+        stmt = stmt.where(Job.sweep_id == sweep_id)
+    if tag is not None:
+        stmt = stmt.where(_tag_filter(session, tag))
+    if cursor is not None:
+        created_at, job_id = _decode_cursor(cursor)
+        stmt = stmt.where(
+            sa.or_(Job.created_at < created_at, sa.and_(Job.created_at == created_at, Job.id < job_id))
+        )
+    jobs = list(session.execute(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).scalars())
+    if len(jobs) > limit:
+        jobs = jobs[:limit]
+        return jobs, _encode_cursor(jobs[-1].created_at, jobs[-1].id)
+    return jobs, None
+
+
+def count_queued(session: Session, project_id: str) -> int:
+    """For the per-project quota (UNROLL_MAX_QUEUED_PER_PROJECT)."""
+    return session.execute(
+        sa.select(sa.func.count()).where(Job.project_id == project_id, Job.state == JobState.QUEUED)
+    ).scalar_one()
+
+
+def queued_job_ids(session: Session, *, limit: int = 10_000) -> list[str]:
+    """Queued jobs in dispatch order: what the reconciler compares with the Redis queue."""
+    return list(
+        session.execute(
+            sa.select(Job.id)
+            .where(Job.state == JobState.QUEUED)
+            .order_by(Job.priority.desc(), Job.created_at, Job.id)
+            .limit(limit)
+        ).scalars()
+    )
+
+
+def set_pending_reason(session: Session, job_id: str, reason: str | None) -> bool:
+    """Say why a queued job cannot be placed yet (None clears it). False if not queued."""
+    result = session.execute(
+        sa.update(Job)
+        .where(Job.id == job_id, Job.state == JobState.QUEUED)
+        .values(pending_reason=reason)
+        .execution_options(synchronize_session="fetch")
+    )
+    return result.rowcount == 1
+
+
+def list_attempts(session: Session, job_id: str) -> list[Attempt]:
+    return list(session.execute(sa.select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number)).scalars())
+
+
+# --- sweeps -------------------------------------------------------------------------------
+
+
+def create_sweep(
+    session: Session,
+    *,
+    project_id: str,
+    base: Mapping[str, Any],
+    grid: Mapping[str, Sequence[Any]],
+    seeds: int = 1,
+    max_parallel: int | None = None,
+    name: str | None = None,
+) -> Sweep:
+    """The sweep row; its jobs are created with create_job(..., sweep_id=sweep.id)."""
+    sweep = Sweep(
+        id=new_id("sweep"),
+        project_id=project_id,
+        base=dict(base),
+        grid={k: list(v) for k, v in grid.items()},
+        seeds=seeds,
+        max_parallel=max_parallel,
+        name=name,
+    )
+    session.add(sweep)
+    session.flush()
+    return sweep
+
+
+def get_sweep(session: Session, sweep_id: str, project_id: str | None = None) -> Sweep:
+    stmt = sa.select(Sweep).where(Sweep.id == sweep_id)
+    if project_id is not None:
+        stmt = stmt.where(Sweep.project_id == project_id)
+    sweep = session.execute(stmt).scalar_one_or_none()
+    if sweep is None:
+        raise NotFound("sweep", sweep_id)
+    return sweep
+
+
+def list_sweep_jobs(session: Session, sweep_id: str) -> list[Job]:
+    return list(
+        session.execute(sa.select(Job).where(Job.sweep_id == sweep_id).order_by(Job.created_at, Job.id)).scalars()
+    )
+
+
+def sweep_state_counts(session: Session, sweep_id: str) -> dict[JobState, int]:
+    rows = session.execute(
+        sa.select(Job.state, sa.func.count()).where(Job.sweep_id == sweep_id).group_by(Job.state)
+    ).all()
+    return {state: count for state, count in rows}
+
+
+def count_running_in_sweep(session: Session, sweep_id: str) -> int:
+    """For max_parallel: how many of the sweep's jobs run now."""
+    return session.execute(
+        sa.select(sa.func.count()).where(Job.sweep_id == sweep_id, Job.state == JobState.RUNNING)
+    ).scalar_one()
+
+
+def sweep_state(counts: Mapping[JobState, int]) -> str:
+    """A sweep's state, derived from its jobs' states: running while any job is unfinished
+    and some started; queued when none started; when all finished, failed if any failed,
+    else cancelled if any was cancelled, else succeeded."""
+    live = {state: n for state, n in counts.items() if n}
+    if not live or set(live) == {JobState.QUEUED}:
+        return JobState.QUEUED.value
+    if JobState.QUEUED in live or JobState.RUNNING in live:
+        return JobState.RUNNING.value
+    for state in (JobState.FAILED, JobState.CANCELLED):
+        if state in live:
+            return state.value
+    return JobState.SUCCEEDED.value
+
+
+# --- datasets -----------------------------------------------------------------------------
+
+
+def create_dataset(
+    session: Session, *, project_id: str, name: str, sha256: str, bytes: int, uri: str
+) -> Dataset:
+    dataset = Dataset(id=new_id("dataset"), project_id=project_id, name=name, sha256=sha256, bytes=bytes, uri=uri)
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def get_dataset(session: Session, dataset_id: str, project_id: str | None = None) -> Dataset:
+    stmt = sa.select(Dataset).where(Dataset.id == dataset_id)
+    if project_id is not None:
+        stmt = stmt.where(Dataset.project_id == project_id)
+    dataset = session.execute(stmt).scalar_one_or_none()
+    if dataset is None:
+        raise NotFound("dataset", dataset_id)
+    return dataset
+
+
+def list_datasets(session: Session, project_id: str, *, limit: int = 100) -> list[Dataset]:
+    return list(
+        session.execute(
+            sa.select(Dataset)
+            .where(Dataset.project_id == project_id)
+            .order_by(Dataset.created_at.desc(), Dataset.id.desc())
+            .limit(limit)
+        ).scalars()
+    )
+
+
+# --- fenced writes: metrics, checkpoints, logs --------------------------------------------
+
+
+def _is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _fence_sql(session: Session) -> str:
+    # FOR SHARE (PostgreSQL) holds the job row until our transaction ends, so a concurrent
+    # requeue/finish waits for this write instead of slipping in between check and commit.
+    # SQLite needs nothing: the writer holds the database lock for the whole statement.
+    lock = " FOR SHARE" if _is_postgres(session) else ""
+    return (
+        "EXISTS (SELECT 1 FROM jobs WHERE jobs.id = CAST(:job_id AS VARCHAR)"
+        " AND jobs.attempt = CAST(:attempt AS INTEGER)"
+        f" AND jobs.state = '{JobState.RUNNING.value}'{lock})"
+    )
+
+
+def _fence(job_id: str, attempt: int, session: Session) -> sa.Exists:
+    check = sa.select(1).where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING)
+    if _is_postgres(session):
+        check = check.with_for_update(read=True)
+    return sa.exists(check)
+
+
+# SQLAlchemy reports rowcount reliably for INSERT only when asked to keep it.
+_ROWCOUNT = {"preserve_rowcount": True}
+
+
+class MetricPoint(NamedTuple):
+    name: str
+    step: int
+    value: float | None
+    wall_time: float | None = None
+
+
+def _finite(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def insert_metrics(
+    session: Session, job_id: str, attempt: int, points: Iterable[MetricPoint | tuple[Any, ...]]
+) -> int:
+    """Write a batch of points `(name, step, value[, wall_time])` for the running attempt.
+
+    nan and ±inf are stored as NULL (SPEC §3). A point that already exists (the same
+    step recomputed after a resume) is overwritten. One statement per batch: a multi-row
+    INSERT … SELECT FROM unnest(arrays) on PostgreSQL, an executemany on SQLite. Returns
+    the number of points written; raises StaleAttempt if the attempt is not running.
+    """
+    batch: dict[tuple[str, int], tuple[float | None, float | None]] = {}
+    for point in points:
+        name, step, value = point[0], int(point[1]), point[2]
+        wall = point[3] if len(point) > 3 else None
+        batch[(name, step)] = (_finite(value), None if wall is None else float(wall))
+    if not batch:
+        return 0
+    upsert = (
+        " ON CONFLICT (job_id, name, step) DO UPDATE SET attempt = excluded.attempt,"
+        " value = excluded.value, wall_time = excluded.wall_time"
+    )
+    if _is_postgres(session):
+        stmt = sa.text(
+            "INSERT INTO metrics (job_id, name, step, attempt, value, wall_time)"
+            " SELECT CAST(:job_id AS VARCHAR), u.name, u.step, CAST(:attempt AS INTEGER), u.value, u.wall_time"
+            " FROM unnest(CAST(:names AS VARCHAR[]), CAST(:steps AS BIGINT[]),"
+            " CAST(:vals AS FLOAT8[]), CAST(:walls AS FLOAT8[])) AS u(name, step, value, wall_time)"
+            f" WHERE {_fence_sql(session)}{upsert}"
+        )
+        params: Any = {
+            "job_id": job_id,
+            "attempt": attempt,
+            "names": [key[0] for key in batch],
+            "steps": [key[1] for key in batch],
+            "vals": [v[0] for v in batch.values()],
+            "walls": [v[1] for v in batch.values()],
+        }
+    else:
+        stmt = sa.text(
+            "INSERT INTO metrics (job_id, name, step, attempt, value, wall_time)"
+            " SELECT :job_id, :name, :step, :attempt, :value, :wall_time"
+            f" WHERE {_fence_sql(session)}{upsert}"
+        )
+        params = [
+            {"job_id": job_id, "attempt": attempt, "name": n, "step": s, "value": v, "wall_time": w}
+            for (n, s), (v, w) in batch.items()
+        ]
+    written = session.execute(stmt, params, execution_options=_ROWCOUNT).rowcount
+    if written == 0:
+        raise StaleAttempt(job_id, attempt)
+    return written
+
+
+def add_checkpoint(
+    session: Session,
+    job_id: str,
+    attempt: int,
+    *,
+    step: int,
+    uri: str,
+    bytes: int,
+    sha256: str,
+    now: datetime | None = None,
+) -> None:
+    """Record a checkpoint written by the running attempt (replacing one at the same step).
+    Raises StaleAttempt if the attempt is not running."""
+    values = sa.select(
+        sa.literal(job_id, sa.String),
+        sa.literal(step, sa.BigInteger),
+        sa.literal(attempt, sa.Integer),
+        sa.literal(uri, sa.Text),
+        sa.literal(bytes, sa.BigInteger),
+        sa.literal(sha256, sa.String),
+        sa.literal(now or utcnow(), UTCDateTime),
+    ).where(_fence(job_id, attempt, session))
+    columns = ["job_id", "step", "attempt", "uri", "bytes", "sha256", "created_at"]
+    insert = (postgresql.insert if _is_postgres(session) else sa.dialects.sqlite.insert)(Checkpoint.__table__)
+    stmt = insert.from_select(columns, values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["job_id", "step"],
+        set_={c: stmt.excluded[c] for c in ("attempt", "uri", "bytes", "sha256", "created_at")},
+    )
+    if session.execute(stmt, execution_options=_ROWCOUNT).rowcount == 0:
+        raise StaleAttempt(job_id, attempt)
+
+
+def list_checkpoints(session: Session, job_id: str) -> list[Checkpoint]:
+    return list(
+        session.execute(sa.select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)).scalars()
+    )
+
+
+def get_checkpoint(session: Session, job_id: str, step: int) -> Checkpoint:
+    checkpoint = session.get(Checkpoint, (job_id, step))
+    if checkpoint is None:
+        raise NotFound("checkpoint", f"{job_id}@{step}")
+    return checkpoint
+
+
+def latest_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
+    """Where the next attempt resumes from."""
+    return session.execute(
+        sa.select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(1)
+    ).scalar_one_or_none()
+
+
+class LogLine(NamedTuple):
+    line: str
+    level: str = "info"
+    ts: datetime | None = None
+
+
+def append_logs(
+    session: Session, job_id: str, attempt: int, lines: Iterable[LogLine | str]
+) -> int:
+    """Append log lines of the running attempt; raises StaleAttempt if it is not running."""
+    now = utcnow()
+    rows = []
+    for item in lines:
+        entry = LogLine(item) if isinstance(item, str) else LogLine(*item)
+        rows.append({"line": entry.line, "level": entry.level, "ts": entry.ts or now})
+    if not rows:
+        return 0
+    values = sa.select(
+        sa.literal(job_id, sa.String),
+        sa.literal(attempt, sa.Integer),
+        sa.bindparam("ts", type_=UTCDateTime),
+        sa.bindparam("level", type_=sa.String),
+        sa.bindparam("line", type_=sa.Text),
+    ).where(_fence(job_id, attempt, session))
+    stmt = sa.insert(JobLog.__table__).from_select(["job_id", "attempt", "ts", "level", "line"], values)
+    written = session.execute(stmt, rows, execution_options=_ROWCOUNT).rowcount
+    if written == 0:
+        raise StaleAttempt(job_id, attempt)
+    return written
+
+
+def read_logs(session: Session, job_id: str, *, after_id: int = 0, limit: int = 1000) -> list[JobLog]:
+    """Log lines in order; pass the last id seen as `after_id` to follow (`logs -f`)."""
+    return list(
+        session.execute(
+            sa.select(JobLog).where(JobLog.job_id == job_id, JobLog.id > after_id).order_by(JobLog.id).limit(limit)
+        ).scalars()
+    )
+
+
+# --- reading metrics ----------------------------------------------------------------------
+
+Point = tuple[int, float | None]
+
+
+def metric_names(session: Session, job_id: str) -> list[str]:
+    """The job's series names, found by skipping through the key (one index probe per
+    name) instead of reading every point."""
+    names = sa.text(
+        "WITH RECURSIVE n(name) AS ("
+        " SELECT (SELECT min(name) FROM metrics WHERE job_id = :job_id)"
+        " UNION ALL"
+        " SELECT (SELECT min(m.name) FROM metrics m WHERE m.job_id = :job_id AND m.name > n.name)"
+        " FROM n WHERE n.name IS NOT NULL)"
+        " SELECT name FROM n WHERE name IS NOT NULL"
+    )
+    return list(session.execute(names, {"job_id": job_id}).scalars())
+
+
+def last_metrics(session: Session, job_id: str) -> dict[str, Point]:
+    """The latest point of every series: what GET /v1/jobs/{id} shows."""
+    result: dict[str, Point] = {}
+    for name in metric_names(session, job_id):
+        row = session.execute(
+            sa.select(Metric.step, Metric.value)
+            .where(Metric.job_id == job_id, Metric.name == name)
+            .order_by(Metric.step.desc())
+            .limit(1)
+        ).first()
+        if row is not None:
+            result[name] = (row.step, row.value)
+    return result
+
+
+def read_series(
+    session: Session,
+    job_id: str,
+    names: Sequence[str] | None = None,
+    since_step: int | None = None,
+    max_points: int | None = None,
+) -> dict[str, list[Point]]:
+    """Each series as [(step, value)] in step order (value None for a non-finite point).
+
+    With `max_points`, a longer series is cut into max_points // 2 buckets of equal step
+    width, and each bucket contributes its minimum and its maximum point (and its first
+    null point, if it has one: a divergence must stay visible), so spikes survive. The
+    buckets are computed by the database (GROUP BY), not by shipping every point here.
+    """
+    if names is None:
+        names = metric_names(session, job_id)
+    lower = since_step if since_step is not None else None
+    out: dict[str, list[Point]] = {}
+    for name in names:
+        out[name] = _read_one(session, job_id, name, lower, max_points)
+    return out
+
+
+def _series_filter(job_id: str, name: str, since_step: int | None) -> list[sa.ColumnElement[bool]]:
+    where = [Metric.job_id == job_id, Metric.name == name]
+    if since_step is not None:
+        where.append(Metric.step >= since_step)
+    return where
+
+
+def _read_one(session: Session, job_id: str, name: str, since_step: int | None, max_points: int | None) -> list[Point]:
+    where = _series_filter(job_id, name, since_step)
+    if max_points is not None:
+        max_points = max(1, max_points)
+        lo, hi = session.execute(sa.select(sa.func.min(Metric.step), sa.func.max(Metric.step)).where(*where)).one()
+        if lo is None:
+            return []
+        # Steps are unique per series: a range no wider than max_points holds few enough.
+        if hi - lo + 1 > max_points:
+            downsample = _downsample_postgres if _is_postgres(session) else _downsample_sqlite
+            # Two points per bucket (min, max). A bucket with non-finite values adds a third
+            # (its first null); if those do not fit, use buckets of three points instead.
+            for per_bucket in (2, 3):
+                buckets = max(1, max_points // per_bucket)
+                width = -(-(hi - lo + 1) // buckets)  # ceil: at most `buckets` buckets
+                points = sorted(set(downsample(session, job_id, name, lo, hi, width)))
+                if len(points) <= max_points:
+                    break
+            return points[:max_points]
+    rows = session.execute(sa.select(Metric.step, Metric.value).where(*where).order_by(Metric.step)).all()
+    return [(row.step, row.value) for row in rows]
+
+
+def _downsample_postgres(session: Session, job_id: str, name: str, lo: int, hi: int, width: int) -> list[Point]:
+    # min/max over (value, step) arrays give the extreme value and its step in one pass.
+    session.execute(sa.text("SET LOCAL jit = off"))  # compiling costs more than it saves here
+    rows = session.execute(
+        sa.text(
+            "SELECT min(ARRAY[value, step::float8]) FILTER (WHERE value IS NOT NULL) AS low,"
+            " max(ARRAY[value, step::float8]) FILTER (WHERE value IS NOT NULL) AS high,"
+            " min(step) FILTER (WHERE value IS NULL) AS null_step"
+            " FROM metrics WHERE job_id = :job_id AND name = :name AND step BETWEEN :lo AND :hi"
+            " GROUP BY (step - :lo) / :width"
+        ),
+        {"job_id": job_id, "name": name, "lo": lo, "hi": hi, "width": width},
+    ).all()
+    points: list[Point] = []
+    for low, high, null_step in rows:
+        if low is not None:
+            points.append((int(low[1]), low[0]))
+            points.append((int(high[1]), high[0]))
+        if null_step is not None:
+            points.append((null_step, None))
+    return points
+
+
+def _downsample_sqlite(session: Session, job_id: str, name: str, lo: int, hi: int, width: int) -> list[Point]:
+    # SQLite returns a bare column from the row that holds the group's min() or max()
+    # (documented behaviour), which gives each extreme's step without a second pass.
+    params = {"job_id": job_id, "name": name, "lo": lo, "hi": hi, "width": width}
+    series = "FROM metrics WHERE job_id = :job_id AND name = :name AND step BETWEEN :lo AND :hi"
+    points: list[Point] = []
+    for aggregate in ("min", "max"):
+        rows = session.execute(
+            sa.text(f"SELECT step, {aggregate}(value) {series} AND value IS NOT NULL GROUP BY (step - :lo) / :width"),
+            params,
+        ).all()
+        points.extend((step, value) for step, value in rows)
+    nulls = session.execute(
+        sa.text(f"SELECT min(step) {series} AND value IS NULL GROUP BY (step - :lo) / :width"), params
+    ).all()
+    points.extend((step, None) for (step,) in nulls)
+    return points
