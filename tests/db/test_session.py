@@ -1,0 +1,130 @@
+"""Engines and sessions: URL translation, SQLite pragmas, async use of the repository,
+and losing the database surfacing as DatabaseUnavailable."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from service.db import repo, session as db_session, states
+from service.db.errors import DatabaseUnavailable
+from service.db.models import JobState
+from service.db.session import async_url, make_async_engine, make_engine, session_scope, sync_url
+
+from .conftest import make_job
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+@pytest.mark.parametrize(
+    ("url", "sync", "async_"),
+    [
+        ("postgresql://u:p@h:5/db", "postgresql+psycopg://u:p@h:5/db", "postgresql+asyncpg://u:p@h:5/db"),
+        ("postgres://h/db", "postgresql+psycopg://h/db", "postgresql+asyncpg://h/db"),
+        ("postgresql+asyncpg://h/db", "postgresql+psycopg://h/db", "postgresql+asyncpg://h/db"),
+        ("sqlite:///rel/x.db", "sqlite+pysqlite:///rel/x.db", "sqlite+aiosqlite:///rel/x.db"),
+        ("sqlite+aiosqlite:////abs/x.db", "sqlite+pysqlite:////abs/x.db", "sqlite+aiosqlite:////abs/x.db"),
+    ],
+)
+def test_url_translation(url: str, sync: str, async_: str) -> None:
+    assert sync_url(url).render_as_string(hide_password=False) == sync
+    assert async_url(url).render_as_string(hide_password=False) == async_
+
+
+def test_unsupported_database_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unsupported"):
+        sync_url("mysql://h/db")
+
+
+def test_sqlite_engine_creates_its_directory_and_sets_pragmas(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "unroll.db"
+    engine = make_engine(f"sqlite:///{path}")
+    assert not path.parent.exists()  # creating an engine touches nothing
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
+    assert path.exists()
+    engine.dispose()
+
+
+def test_foreign_keys_are_enforced(session: Session) -> None:
+    with pytest.raises(sa.exc.IntegrityError):
+        repo.create_job(session, project_id="prj_missing", config={})
+    session.rollback()
+
+
+def test_closed_port_is_database_unavailable() -> None:
+    engine = make_engine(f"postgresql://postgres@127.0.0.1:{closed_port()}/x")
+    with pytest.raises(DatabaseUnavailable), Session(engine) as s:
+        repo.get_job(s, "job_x")
+
+
+async def test_closed_port_is_database_unavailable_async() -> None:
+    engine = make_async_engine(f"postgresql://postgres@127.0.0.1:{closed_port()}/x")
+    with pytest.raises(DatabaseUnavailable):
+        async with engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+    await engine.dispose()
+
+
+def test_unopenable_sqlite_is_database_unavailable(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    engine = make_engine(f"sqlite:///{blocker}/unroll.db")
+    with pytest.raises(DatabaseUnavailable), engine.connect():
+        pass
+
+
+def test_connection_lost_mid_session_is_database_unavailable(postgresql_url: str) -> None:
+    engine = make_engine(postgresql_url)
+    with engine.connect() as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        with make_engine(postgresql_url).connect() as killer:
+            killer.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+        with pytest.raises(DatabaseUnavailable):
+            conn.execute(sa.text("SELECT 1"))
+    engine.dispose()
+
+
+def test_session_scope_commits_or_rolls_back(db_url: str, session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UNROLL_DATABASE_URL", db_url)
+    db_session.dispose_engines()
+    try:
+        with session_scope() as s:
+            job = make_job(s, commit=False)
+        with pytest.raises(RuntimeError), session_scope() as s:
+            states.claim(s, job.id, "w", 30)
+            raise RuntimeError("boom")
+        with session_scope() as s:
+            assert repo.get_job(s, job.id).state is JobState.QUEUED  # the claim was rolled back
+        assert db_session.get_engine() is db_session.get_engine()  # one engine per process
+    finally:
+        db_session.dispose_engines()
+
+
+async def test_repository_runs_on_async_sessions(db_url: str, session: Session) -> None:
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    job = make_job(session)
+    engine = make_async_engine(db_url)
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+    try:
+        async with db_session.async_session_scope(sessions) as s:
+            attempt = await s.run_sync(states.claim, job.id, "w", 30)
+            await s.run_sync(repo.insert_metrics, job.id, attempt, [("loss", 1, 0.5), ("loss", 2, float("nan"))])
+        async with db_session.async_session_scope(sessions) as s:
+            loaded = await s.run_sync(repo.get_job, job.id)
+            series = await s.run_sync(repo.read_series, job.id)
+        assert loaded.state is JobState.RUNNING and loaded.attempt == 1
+        assert series == {"loss": [(1, 0.5), (2, None)]}
+    finally:
+        await engine.dispose()
