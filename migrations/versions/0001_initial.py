@@ -148,7 +148,7 @@ def upgrade() -> None:
     sa.Column('attempt', sa.Integer(), nullable=False),
     sa.Column('value', sa.Double(), nullable=True),
     sa.Column('wall_time', sa.Double(), nullable=True),
-    sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_metrics_job_id_jobs'), ondelete='CASCADE'),
+    # No foreign key to jobs: writes are fenced on the job row instead (see models.Metric).
     # The key covers `value` (index-only series reads); on SQLite the table is the key.
     sa.PrimaryKeyConstraint('job_id', 'name', 'step', name=op.f('pk_metrics'), postgresql_include=['value']),
     sqlite_with_rowid=False
