@@ -1,0 +1,162 @@
+"""Shared Redis fixtures (only these: other fixtures live in each package's conftest).
+
+- ``redis_url`` (session): the Redis at ``UNROLL_REDIS_URL`` or 127.0.0.1:6379 if it answers
+  PING, else a private ``redis-server`` started for the session and stopped after it; the
+  tests skip, saying why, when neither is possible.
+- ``redis_prefix`` / ``redis_client``: a unique key prefix per test and an async client; the
+  prefix's keys are deleted after the test, so tests share one server without seeing each
+  other. Never FLUSHALL through these: the server may be someone else's.
+- ``make_redis``: more async clients on the same server (separate connections), closed after.
+- ``private_redis``: a redis-server of the test's own, to FLUSHALL, kill and restart.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _answers(url: str) -> bool:
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1) as client:
+            return bool(client.ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A throwaway redis-server on 127.0.0.1, without persistence, in its own directory.
+    ``kill()`` is a crash (SIGKILL); ``start()`` brings it back on the same port, empty."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        self.executable = shutil.which("redis-server")
+        if self.executable is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.directory = directory
+        self.port = port or _free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        command = [
+            self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(self.directory), "--daemonize", "no",
+        ]
+        log = open(self.directory / "redis.log", "ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.directory)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while not _answers(self.url):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"redis-server on port {self.port} did not start:\n{tail}")
+            time.sleep(0.02)
+        return self
+
+    def kill(self) -> None:
+        """Crash the server (SIGKILL): every key is lost, clients see connection errors."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+
+def _start_private(directory: Path) -> RedisServer:
+    # The free port may be taken between choosing and binding it: try a few.
+    error: Exception | None = None
+    for _ in range(3):
+        try:
+            return RedisServer(directory).start()
+        except RuntimeError as exc:
+            error = exc
+            if shutil.which("redis-server") is None:
+                break
+    pytest.skip(f"no Redis: nothing answers at UNROLL_REDIS_URL or {DEFAULT_REDIS_URL}, and {error}")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    for url in (os.environ.get("UNROLL_REDIS_URL"), DEFAULT_REDIS_URL):
+        if url and _answers(url):
+            yield url
+            return
+    server = _start_private(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    return f"unroll-test-{secrets.token_hex(6)}"
+
+
+@pytest.fixture
+async def make_redis(redis_url: str) -> AsyncIterator[Callable[..., aioredis.Redis]]:
+    """A factory of async clients on ``redis_url`` (keyword arguments go to ``from_url``)."""
+    clients: list[aioredis.Redis] = []
+
+    def make(**kwargs) -> aioredis.Redis:
+        client = aioredis.Redis.from_url(redis_url, **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.aclose()
+
+
+@pytest.fixture
+async def redis_client(make_redis: Callable[..., aioredis.Redis], redis_prefix: str) -> AsyncIterator[aioredis.Redis]:
+    """An async client (bytes responses, redis-py's default). Keys under ``redis_prefix``
+    are deleted after the test."""
+    client = make_redis()
+    yield client
+    keys = [key async for key in client.scan_iter(match=f"{redis_prefix}:*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own (``.url``, ``.kill()``, ``.start()``, ``.stop()``),
+    free to be flushed or killed; stopped after the test."""
+    server = _start_private(tmp_path / "redis")
+    try:
+        yield server
+    finally:
+        server.stop()
