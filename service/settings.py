@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     # `postgresql://...` serves both the async API (asyncpg) and sync workers (psycopg).
     database_url: str = "sqlite:///.unroll/unroll.db"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Every Redis key starts with this (service.keys), so deployments can share a server.
+    redis_prefix: str = "unroll"
     # None: start a local Ray instance.
     ray_address: str | None = None
     # Artifact store root: a local path or any fsspec URL.
@@ -43,9 +45,24 @@ class Settings(BaseSettings):
     # The largest model (parameter count) a job may ask for.
     max_params: int = Field(default=50_000_000, ge=1)
 
+    # --- the HTTP API (service.app) ---
+    # Largest JSON request body (413 beyond); uploads have their own cap.
+    max_body_bytes: int = Field(default=1 << 20, ge=1)
+    # Largest dataset upload, streamed to the artifact store (413 beyond).
+    max_upload_bytes: int = Field(default=1 << 30, ge=1)
+    # Most jobs one sweep may expand to (grid points x seeds).
+    max_sweep_jobs: int = Field(default=1000, ge=1)
+    # How long a verified token is trusted without asking the database again (a revoked
+    # token keeps working this long at most).
+    token_cache_seconds: float = Field(default=30.0, ge=0)
+
     # --- execution ---
     # A running attempt must renew its lease within this many seconds or it is lost.
     lease_seconds: int = Field(default=30, ge=1)
+    # First delay before a lost attempt is retried; it doubles per attempt (at most 5 min).
+    retry_backoff_seconds: float = Field(default=2.0, ge=0)
+    # A running attempt that ignores a cancel request this long is stopped by force.
+    cancel_grace_seconds: float = Field(default=30.0, gt=0)
 
     # --- database tuning ---
     db_pool_size: int = Field(default=5, ge=1)

@@ -687,3 +687,49 @@ def _downsample_sqlite(session: Session, job_id: str, name: str, lo: int, hi: in
     ).all()
     points.extend((step, None) for (step,) in nulls)
     return points
+
+
+# -- dispatch ---------------------------------------------------------------------------
+
+
+def dispatchable_jobs(session: Session, *, now: datetime | None = None, limit: int = 10_000) -> list[tuple[str, int]]:
+    """(id, priority) of queued jobs that may be claimed now, in dispatch order: what the
+    reconciler makes sure the Redis queue holds (backing-off jobs join when they are due)."""
+    now = now or utcnow()
+    rows = session.execute(
+        sa.select(Job.id, Job.priority)
+        .where(
+            Job.state == JobState.QUEUED,
+            Job.cancel_requested_at.is_(None),
+            sa.or_(Job.not_before.is_(None), Job.not_before <= now),
+        )
+        .order_by(Job.priority.desc(), Job.created_at, Job.id)
+        .limit(limit)
+    ).all()
+    return [(row.id, row.priority) for row in rows]
+
+
+def cancel_overdue(session: Session, job_ids: Iterable[str], *, grace_seconds: float, now: datetime | None = None) -> list[tuple[str, int]]:
+    """(id, attempt) of running jobs among `job_ids` whose cancel request is older than the
+    grace period: their attempts ignored it and are to be stopped by force."""
+    now = now or utcnow()
+    ids = list(job_ids)
+    if not ids:
+        return []
+    rows = session.execute(
+        sa.select(Job.id, Job.attempt).where(
+            Job.id.in_(ids),
+            Job.state == JobState.RUNNING,
+            Job.cancel_requested_at <= now - timedelta(seconds=grace_seconds),
+        )
+    ).all()
+    return [(row.id, row.attempt) for row in rows]
+
+
+# --- service-wide counts (the API's /metrics) --------------------------------------------
+
+
+def count_jobs_by_state(session: Session) -> dict[JobState, int]:
+    """Jobs of every project per state, for the Prometheus gauge read at scrape time."""
+    rows = session.execute(sa.select(Job.state, sa.func.count()).group_by(Job.state)).all()
+    return {state: count for state, count in rows}

@@ -1,0 +1,221 @@
+"""/v1/sweeps: a grid of jobs submitted together (SPEC §5).
+
+A sweep expands `grid` ({dotted.path: [values]}) into its Cartesian product, times `seeds`
+(train.seed = base seed + 0 .. seeds - 1). Every point is validated exactly like a single
+submission before anything is written, and the sweep and all its jobs are created in one
+transaction: a sweep exists whole or not at all. The queue writes follow the commit.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, status
+from redis.exceptions import RedisError
+
+from service.db import repo, states
+from service.db.models import Job, JobState
+from service.deps import ProjectDep, RuntimeDep
+from service.errors import ApiError, Invalid
+from service.errors import responses as error_responses
+from service.schemas import SweepCancelled, SweepCreate, SweepPublic, SweepRow
+from service.submission import check_config, check_dataset
+from service.api.jobs import _create_job, enqueue_after_commit
+from trainer.config import JobConfig
+
+router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
+
+SweepId = Annotated[str, Path(min_length=1, max_length=64, description="A sweep id (`swp_...`)")]
+
+_MISSING = object()
+
+
+def set_path(config: dict[str, Any], path: str, value: Any) -> None:
+    """config[a][b][c] = value for path "a.b.c", creating sections as needed."""
+    parts = path.split(".")
+    node = config
+    for part in parts[:-1]:
+        child = node.get(part, _MISSING)
+        if child is _MISSING or child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise Invalid(f"grid.{path}", f"{part} is not a section of the job configuration")
+        node = child
+    node[parts[-1]] = value
+
+
+def get_path(config: dict[str, Any], path: str) -> Any:
+    node: Any = config
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def expand(body: SweepCreate) -> list[tuple[dict[str, Any], dict[str, Any], int]]:
+    """Every (config, grid point, seed) of the sweep, before validation."""
+    for path, values in body.grid.items():
+        if not path or any(not p for p in path.split(".")):
+            raise Invalid(f"grid.{path}", "must be a dotted path such as tbptt.k1")
+        if not values:
+            raise Invalid(f"grid.{path}", "needs at least one value")
+    base_seed = get_path(body.base, "train.seed")
+    if not isinstance(base_seed, int) or isinstance(base_seed, bool):
+        base_seed = 0
+    paths = list(body.grid)
+    points = []
+    for values in itertools.product(*(body.grid[p] for p in paths)):
+        point = dict(zip(paths, values))
+        for offset in range(body.seeds):
+            config = copy.deepcopy(body.base)
+            for path, value in point.items():
+                set_path(config, path, value)
+            seed = base_seed + offset
+            if "train.seed" not in point:
+                set_path(config, "train.seed", seed)
+            points.append((config, point, seed))
+    return points
+
+
+def _point_name(base_name: str | None, point: dict[str, Any], seed: int, seeds: int) -> str | None:
+    parts = [f"{path.rsplit('.', 1)[-1]}={value}" for path, value in point.items()]
+    if seeds > 1:
+        parts.append(f"seed={seed}")
+    label = ",".join(parts)
+    name = f"{base_name} {label}".strip() if base_name else label
+    return name[:200] or None
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=SweepPublic,
+    summary="Submit a sweep: the grid's Cartesian product times seeds",
+    responses=error_responses(400, 401, 413, 422, 429, 503),
+)
+async def create_sweep(body: SweepCreate, project: ProjectDep, runtime: RuntimeDep) -> SweepPublic:
+    settings = runtime.settings
+    n = max(1, len(list(itertools.product(*body.grid.values())))) * body.seeds
+    if n > settings.max_sweep_jobs:
+        raise Invalid("grid", f"the sweep expands to {n} jobs; at most {settings.max_sweep_jobs} are allowed")
+    configs: list[tuple[JobConfig, dict[str, Any], int]] = []
+    for raw, point, seed in expand(body):
+        try:
+            config = check_config(raw, settings, prefix="base.")
+        except ApiError as exc:
+            raise _blame_grid(exc, point) from None
+        name = _point_name(body.name or config.name, point, seed, body.seeds)
+        if name != config.name:
+            config.name = name
+        configs.append((config, point, seed))
+    async with runtime.sessions() as session, session.begin():
+        checked: set[str] = set()
+        for config, _, _ in configs:
+            dataset = getattr(config.data, "dataset", None)
+            if dataset is not None and dataset not in checked:
+                checked.add(dataset)
+                await check_dataset(session, config, project.project_id, prefix="base.")
+        await runtime.quota.check(session, project.project_id, len(configs), settings.max_queued_per_project)
+        public, queued = await session.run_sync(_create, project.project_id, body, configs)
+    runtime.quota.added(project.project_id, len(queued))
+    runtime.metrics.submissions.inc(len(queued))
+    await enqueue_after_commit(runtime, queued)
+    return public
+
+
+def _blame_grid(exc: ApiError, point: dict[str, Any]) -> ApiError:
+    """An error at a field the grid sets is the grid's, not the base's."""
+    field = exc.field or ""
+    for path, value in point.items():
+        if field == f"base.{path}" or field.startswith(f"base.{path}."):
+            return Invalid(f"grid.{path}", f"value {value!r}: {exc.message.split(': ', 1)[-1]}")
+    return exc
+
+
+def _create(session, project_id: str, body: SweepCreate, configs) -> tuple[SweepPublic, list[tuple[str, int]]]:
+    sweep = repo.create_sweep(
+        session,
+        project_id=project_id,
+        base=body.base,
+        grid=body.grid,
+        seeds=body.seeds,
+        max_parallel=body.max_parallel,
+        name=body.name,
+    )
+    queued = []
+    for config, _, _ in configs:
+        job, _ = _create_job(session, project_id, config, None, sweep_id=sweep.id)
+        queued.append((job.id, job.priority))
+    return _summary(session, sweep), queued
+
+
+def _summary(session, sweep) -> SweepPublic:
+    jobs: list[Job] = repo.list_sweep_jobs(session, sweep.id)
+    counts = {state.value: n for state, n in repo.sweep_state_counts(session, sweep.id).items()}
+    base_seed = get_path(sweep.base, "train.seed")
+    rows = []
+    for job in jobs:
+        point = {path: get_path(job.config, path) for path in sweep.grid}
+        seed = get_path(job.config, "train.seed")
+        summary = job.summary
+        if summary is None and job.state != JobState.QUEUED:
+            summary = {name: value for name, (_, value) in repo.last_metrics(session, job.id).items()}
+        rows.append(
+            SweepRow(
+                job_id=job.id,
+                point=point,
+                seed=seed if isinstance(seed, int) else (base_seed or 0),
+                state=JobState(job.state).value,
+                progress=job.progress,
+                step=job.step,
+                summary=summary,
+            )
+        )
+    return SweepPublic(
+        id=sweep.id,
+        name=sweep.name,
+        state=repo.sweep_state(repo.sweep_state_counts(session, sweep.id)),
+        created_at=sweep.created_at,
+        cancel_requested=sweep.cancel_requested_at is not None,
+        base=sweep.base,
+        grid=sweep.grid,
+        seeds=sweep.seeds,
+        max_parallel=sweep.max_parallel,
+        counts=counts,
+        rows=rows,
+    )
+
+
+@router.get(
+    "/{sweep_id}",
+    response_model=SweepPublic,
+    summary="A sweep's state and its table: one row per job (grid point x seed)",
+    responses=error_responses(401, 404, 503),
+)
+async def get_sweep(sweep_id: SweepId, project: ProjectDep, runtime: RuntimeDep) -> SweepPublic:
+    async with runtime.sessions() as session:
+        return await session.run_sync(lambda s: _summary(s, repo.get_sweep(s, sweep_id, project.project_id)))
+
+
+@router.post(
+    "/{sweep_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=SweepCancelled,
+    summary="Cancel every unfinished job of a sweep (idempotent)",
+    responses=error_responses(401, 404, 503),
+)
+async def cancel_sweep(sweep_id: SweepId, project: ProjectDep, runtime: RuntimeDep) -> SweepCancelled:
+    async with runtime.sessions() as session, session.begin():
+        await session.run_sync(repo.get_sweep, sweep_id, project.project_id)
+        cancelled = await session.run_sync(states.cancel_sweep, sweep_id)
+        jobs = await session.run_sync(repo.list_sweep_jobs, sweep_id)
+        removable = [j.id for j in jobs if j.state == JobState.CANCELLED]
+    for job_id in removable:
+        try:
+            await runtime.queue.remove(job_id)
+        except (RedisError, OSError):  # a claim finds the job cancelled anyway
+            break
+    return SweepCancelled(id=sweep_id, cancelled=cancelled)

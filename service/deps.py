@@ -1,0 +1,60 @@
+"""Dependencies shared by the routers, as ``Annotated`` aliases (a route says
+``project: ProjectDep`` and gets the caller's project, or the request ends in a 401)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service import auth
+from service.runtime import Runtime
+from service.settings import Settings
+
+# auto_error=False: a missing header is our 401 in our error shape, not FastAPI's 403.
+_bearer = HTTPBearer(auto_error=False, description="A project token (`unroll token create`) or, on /v1/admin, the admin token")
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_settings_of_app(runtime: RuntimeDep) -> Settings:
+    return runtime.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_of_app)]
+
+
+def get_sessions(runtime: RuntimeDep) -> async_sessionmaker[AsyncSession]:
+    return runtime.sessions
+
+
+SessionsDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessions)]
+
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _admin_secret(runtime: Runtime) -> str | None:
+    secret = runtime.settings.admin_token
+    return secret.get_secret_value() if secret is not None else None
+
+
+async def get_project(runtime: RuntimeDep, credentials: Credentials) -> auth.Principal:
+    token = credentials.credentials if credentials is not None else None
+    return await auth.authenticate(token, runtime.sessions, runtime.tokens, _admin_secret(runtime))
+
+
+ProjectDep = Annotated[auth.Principal, Depends(get_project)]
+
+
+def get_admin(runtime: RuntimeDep, credentials: Credentials) -> None:
+    auth.require_admin(credentials.credentials if credentials is not None else None, _admin_secret(runtime))
+
+
+AdminDep = Annotated[None, Depends(get_admin)]

@@ -1,0 +1,67 @@
+"""What the API holds while it runs: the database engine and sessions, the Redis client,
+the dispatch queue, the artifact store and the small in-process caches. Built by the app's
+lifespan (``open_runtime``), closed when it ends; nothing here connects at import time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from service.artifacts import ArtifactStore
+from service.auth import TokenCache
+from service.db.session import make_async_engine
+from service.keys import Keys
+from service.metrics import Metrics
+from service.queue import JobQueue
+from service.quota import QueuedCounter
+from service.settings import Settings
+
+# Redis calls of a request give up after this long (then 503), so a hung Redis cannot
+# hold requests forever.
+REDIS_SOCKET_TIMEOUT_S = 5.0
+REDIS_CONNECT_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    redis: aioredis.Redis
+    queue: JobQueue
+    keys: Keys
+    store: ArtifactStore
+    tokens: TokenCache
+    quota: QueuedCounter
+    metrics: Metrics
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        await self.engine.dispose()
+
+
+def open_runtime(settings: Settings, metrics: Metrics) -> Runtime:
+    overrides = {}
+    if settings.database_url.startswith(("postgres://", "postgresql")):
+        overrides = {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}
+    engine = make_async_engine(settings.database_url, **overrides)
+    redis = aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        health_check_interval=30,
+    )
+    return Runtime(
+        settings=settings,
+        engine=engine,
+        sessions=async_sessionmaker(engine, expire_on_commit=False),
+        redis=redis,
+        queue=JobQueue(redis, settings.redis_prefix),
+        keys=Keys(settings.redis_prefix),
+        store=ArtifactStore(settings.artifacts),
+        tokens=TokenCache(settings.token_cache_seconds),
+        quota=QueuedCounter(),
+        metrics=metrics,
+    )
