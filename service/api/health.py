@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Response
@@ -45,17 +46,26 @@ async def _redis(runtime) -> str:
 
 
 async def _ray(runtime) -> str:
-    # The dispatcher (which owns Ray) writes a heartbeat key with a TTL; readiness only reads
-    # it, so the API never connects to Ray itself.
-    key = getattr(runtime.keys, "dispatcher_heartbeat", None)
-    if key is None:
+    # Each live dispatcher (which owns Ray) keeps a heartbeat key with a TTL holding its Ray
+    # status; readiness only reads them, so the API never connects to Ray itself.
+    pattern = getattr(runtime.keys, "dispatcher_heartbeats", None)
+    if pattern is None:
         return "no dispatcher heartbeat"
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S):
-            beat = await runtime.redis.get(key)
+            keys = [key async for key in runtime.redis.scan_iter(match=pattern, count=100)]
+            beats = await runtime.redis.mget(keys) if keys else []
     except Exception as exc:
         return f"unknown: {type(exc).__name__}"
-    return "ok" if beat is not None else "no dispatcher heartbeat"
+    statuses = []
+    for beat in beats:
+        try:
+            statuses.append(str(json.loads(beat).get("ray", "unknown")))
+        except (TypeError, ValueError, AttributeError):
+            continue
+    if not statuses:
+        return "no dispatcher heartbeat"
+    return "ok" if "ok" in statuses else statuses[0]
 
 
 @router.get(

@@ -128,9 +128,9 @@ async def create_sweep(body: SweepCreate, project: ProjectDep, runtime: RuntimeD
 
 def _blame_grid(exc: ApiError, point: dict[str, Any]) -> ApiError:
     """An error at a field the grid sets is the grid's, not the base's."""
-    field = exc.field or ""
+    field = (exc.field or "").removeprefix("base.")
     for path, value in point.items():
-        if field == f"base.{path}" or field.startswith(f"base.{path}."):
+        if field == path or field.startswith(f"{path}.") or path.startswith(f"{field}."):
             return Invalid(f"grid.{path}", f"value {value!r}: {exc.message.split(': ', 1)[-1]}")
     return exc
 

@@ -1,0 +1,156 @@
+"""Live events over real HTTP (SSE), and the routes without a token: liveness, readiness,
+Prometheus metrics, OpenAPI; and 503s when a dependency is down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from service import events
+from service.app import create_app
+from service.db import states
+from service.settings import Settings
+from tests.api.helpers import JOB, auth
+
+pytestmark = pytest.mark.redis
+
+
+async def _next_event(lines) -> dict:
+    name, data = "message", []
+    async for line in lines:
+        if line.startswith(":"):
+            continue
+        if line == "":
+            if data:
+                return {"event": name, **json.loads("\n".join(data))}
+            continue
+        field, _, value = line.partition(": ")
+        if field == "event":
+            name = value
+        elif field == "data":
+            data.append(value)
+    raise EOFError
+
+
+async def test_late_subscriber_gets_state_then_live_events(live_server, make_token, settings, redis_client, db):
+    token = make_token()
+    async with httpx.AsyncClient(base_url=live_server.url, headers=auth(token), timeout=10) as http:
+        job_id = (await http.post("/v1/jobs", json=JOB)).json()["id"]
+        # the job moved on before anyone watched
+        states.claim(db, job_id, "w1", 30)
+        db.commit()
+        async with http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            lines = response.aiter_lines()
+            first = await asyncio.wait_for(_next_event(lines), 10)
+            assert first["event"] == "state" and first["snapshot"] is True
+            assert first["state"] == "running" and first["attempt"] == 1 and first["worker"] == "w1"
+
+            await events.publish(redis_client, job_id, {"type": "progress", "step": 3, "max_steps": 10, "progress": 0.3}, prefix=settings.redis_prefix)
+            progress = await asyncio.wait_for(_next_event(lines), 10)
+            assert progress["event"] == "progress" and progress["step"] == 3 and progress["job_id"] == job_id
+
+            await events.publish(redis_client, job_id, {"type": "state", "state": "succeeded"}, prefix=settings.redis_prefix)
+            final = await asyncio.wait_for(_next_event(lines), 10)
+            assert final["state"] == "succeeded"
+            with pytest.raises(EOFError):  # the stream ends with the job
+                await asyncio.wait_for(_next_event(lines), 10)
+
+        # a finished job's stream is its state, then the end
+        async with http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+            lines = response.aiter_lines()
+            assert (await asyncio.wait_for(_next_event(lines), 10))["state"] == "running"  # the db still says so
+
+
+async def test_client_events_iterator(live_server, make_token, settings, redis_client):
+    from service.client import Client
+
+    token = make_token()
+    loop = asyncio.get_running_loop()
+
+    def follow():
+        with Client(live_server.url, token) as api:
+            job = api.submit(JOB)
+            seen = []
+            for event in api.events(job["id"], timeout=10):
+                seen.append(event)
+                if len(seen) == 1:
+                    asyncio.run_coroutine_threadsafe(
+                        events.publish(redis_client, job["id"], {"type": "state", "state": "cancelled"}, prefix=settings.redis_prefix),
+                        loop,
+                    ).result(10)
+            return seen
+
+    seen = await asyncio.to_thread(follow)
+    assert [e["type"] for e in seen] == ["state", "state"]
+    assert seen[0]["state"] == "queued" and seen[1]["state"] == "cancelled"
+
+
+async def test_health_ready_metrics(client, make_token):
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    # database and Redis are up; no dispatcher has written a heartbeat yet
+    assert ready.status_code == 503
+    assert ready.json()["checks"] == {"database": "ok", "redis": "ok", "ray": "no dispatcher heartbeat"}
+
+    token = make_token()
+    await client.post("/v1/jobs", json=JOB, headers=auth(token))
+    await client.post("/v1/jobs", json={**JOB, "priority": 7}, headers=auth(token))
+    text = (await client.get("/metrics")).text
+    assert "unroll_jobs_submitted_total 2.0" in text
+    assert 'unroll_queue_depth{priority="0"} 1.0' in text and 'unroll_queue_depth{priority="7"} 1.0' in text
+    assert 'unroll_jobs{state="queued"} 2.0' in text
+    assert 'unroll_http_request_duration_seconds_count{method="POST",route="/v1/jobs",status="201"} 2.0' in text
+
+
+async def test_openapi_documents_every_route_and_error(client):
+    spec = (await client.get("/openapi.json")).json()
+    assert "JobConfig" in spec["components"]["schemas"] and "ErrorBody" in spec["components"]["schemas"]
+    submit = spec["paths"]["/v1/jobs"]["post"]
+    assert submit["requestBody"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/JobConfig"
+    assert {"200", "201", "401", "413", "422", "429", "503"} <= set(submit["responses"])
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            if path.startswith("/v1/"):
+                assert "401" in op["responses"], (method, path)
+    assert (await client.get("/docs")).status_code == 200
+
+
+async def test_dependencies_down_are_503(settings: Settings, make_token, tmp_path):
+    token = make_token()
+    redis_down = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    app = create_app(redis_down)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            ready = await http.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["checks"]["redis"].startswith("down")
+            # the job is committed; the reconciler enqueues it when Redis is back
+            job = await http.post("/v1/jobs", json=JOB, headers=auth(token))
+            assert job.status_code == 201
+            r = await http.get(f"/v1/jobs/{job.json()['id']}/events", headers=auth(token))
+            assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+
+    db_down = settings.model_copy(update={"database_url": "postgresql://nobody@127.0.0.1:1/none"})
+    app = create_app(db_down)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            r = await http.get("/v1/jobs", headers=auth(token))
+            assert r.status_code == 503 and r.json()["error"]["message"] == "the database is unavailable"
+            ready = await http.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["checks"]["database"].startswith("down")
+
+
+async def test_ready_with_a_dispatcher_heartbeat(client, redis_client, settings):
+    from service.keys import Keys
+
+    keys = Keys(settings.redis_prefix)
+    await redis_client.set(keys.dispatcher_heartbeat("d1"), json.dumps({"ray": "unreachable: boom"}), ex=10)
+    ready = await client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["ray"] == "unreachable: boom"
+    await redis_client.set(keys.dispatcher_heartbeat("d2"), json.dumps({"ray": "ok"}), ex=10)
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200 and ready.json() == {"ready": True, "checks": {"database": "ok", "redis": "ok", "ray": "ok"}}
