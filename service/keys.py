@@ -90,6 +90,17 @@ class Keys:
     def job_events(self, job_id: str) -> str:
         return f"{self.prefix}:events:job:{job_id}"
 
+    # --- dispatchers (workers.dispatcher) ---------------------------------------------------
+    # STRING (JSON, with a TTL) that a live dispatcher refreshes every second: its Ray
+    # status, for /readyz. No key left: no dispatcher is alive.
+    def dispatcher_heartbeat(self, name: str) -> str:
+        return f"{self.prefix}:dispatchers:{name}"
+
+    @property
+    def dispatcher_heartbeats(self) -> str:
+        """A SCAN pattern matching every dispatcher's heartbeat."""
+        return f"{self.prefix}:dispatchers:*"
+
     # --- housekeeping ----------------------------------------------------------------------
     @property
     def all_pattern(self) -> str:

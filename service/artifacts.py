@@ -1,0 +1,108 @@
+"""The artifact store: checkpoints and uploaded datasets under `UNROLL_ARTIFACTS`.
+
+A local directory or any fsspec URL (s3://, gs://, memory://, ...). Objects are written
+to a temporary name and then moved into place where the filesystem allows it, so a
+reader never sees a torn file. Every object's URI is recorded in the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import fsspec
+from fsspec.core import url_to_fs
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Stored:
+    uri: str
+    bytes: int
+    sha256: str
+
+
+class ArtifactStore:
+    def __init__(self, root: str):
+        if "://" not in root:
+            root = str(Path(root).resolve())
+        self.root = root.rstrip("/")
+        self.fs, self._base = url_to_fs(self.root)
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def checkpoint_uri(self, job_id: str, step: int) -> str:
+        return self.uri("jobs", job_id, "checkpoints", f"step-{step:08d}.pt")
+
+    def dataset_uri(self, dataset_id: str, filename: str) -> str:
+        return self.uri("datasets", dataset_id, _safe_name(filename))
+
+    def put_bytes(self, uri: str, data: bytes) -> Stored:
+        return self.put_stream(uri, iter([data]))
+
+    def put_stream(self, uri: str, chunks: Iterator[bytes], max_bytes: int | None = None) -> Stored:
+        """Write chunks to `uri`; raise TooLarge (and leave nothing) past max_bytes."""
+        fs, path = url_to_fs(uri)
+        parent = path.rsplit("/", 1)[0]
+        fs.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        digest, size = hashlib.sha256(), 0
+        try:
+            with fs.open(tmp, "wb") as out:
+                for chunk in chunks:
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise TooLarge(max_bytes)
+                    digest.update(chunk)
+                    out.write(chunk)
+            fs.mv(tmp, path)
+        except BaseException:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+            raise
+        return Stored(uri=uri, bytes=size, sha256=digest.hexdigest())
+
+    def open(self, uri: str) -> BinaryIO:
+        return fsspec.open(uri, "rb").open()
+
+    def read_bytes(self, uri: str) -> bytes:
+        with self.open(uri) as fh:
+            return fh.read()
+
+    def iter_bytes(self, uri: str) -> Iterator[bytes]:
+        with self.open(uri) as fh:
+            while chunk := fh.read(CHUNK):
+                yield chunk
+
+    def local_path(self, uri: str, cache_dir: str | os.PathLike) -> Path:
+        """A local file with the object's content (the object itself when it is local)."""
+        fs, path = url_to_fs(uri)
+        if "file" in _protocols(fs):
+            return Path(path)
+        target = Path(cache_dir) / hashlib.sha256(uri.encode()).hexdigest()[:16] / Path(path).name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get(path, str(target))
+        return target
+
+
+class TooLarge(Exception):
+    def __init__(self, limit: int):
+        super().__init__(f"larger than {limit} bytes")
+        self.limit = limit
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return protocol if isinstance(protocol, tuple) else (protocol,)
+
+
+def _safe_name(name: str) -> str:
+    base = os.path.basename(name.replace("\\", "/")) or "data"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in base)[:128]

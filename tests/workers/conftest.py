@@ -1,0 +1,200 @@
+"""A real local Ray cluster, a real database and real Redis for the worker tests; the
+dispatchers run as separate `unroll worker` processes that tests may kill."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis as redis_sync
+import sqlalchemy as sa
+from sqlalchemy.orm import sessionmaker
+
+from service.db import repo
+from service.db.migrate import upgrade
+from service.db.models import Job, JobState
+from service.db.session import make_engine
+from service.queue import JobQueue
+
+ROOT = Path(__file__).resolve().parents[2]
+POSTGRES_ADMIN_URL = os.environ.get("UNROLL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+LEASE_SECONDS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Ray head of the test session's own (2 CPUs), stopped at the end."""
+    port = _free_port()
+    temp_dir = f"/tmp/ray-unroll-{secrets.token_hex(3)}"
+    cmd = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+        "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+    ]
+    log = (tmp_path_factory.mktemp("ray") / "head.log").open("w")
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # the default for new clusters, made explicit
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=env)
+    try:
+        _wait_port(port, 90)
+        yield f"127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["rm", "-rf", temp_dir])
+
+
+@pytest.fixture(scope="module")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throwaway PostgreSQL database (production's) or, without a server, SQLite."""
+    name = f"unroll_workers_{secrets.token_hex(5)}"
+    try:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.Error:
+        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'unroll.db'}"
+        upgrade(url)
+        yield url
+        return
+    url = sa.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    yield url
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class Stack:
+    """The parts a worker test drives: a database, a Redis prefix, a Ray cluster, and
+    dispatcher processes."""
+
+    def __init__(self, database_url: str, redis_url: str, ray_address: str, artifacts: Path, prefix: str):
+        self.database_url, self.redis_url, self.ray_address = database_url, redis_url, ray_address
+        self.artifacts, self.prefix = artifacts, prefix
+        self.engine = make_engine(database_url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.workers: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+        with self.sessions.begin() as session:
+            self.project_id = repo.get_or_create_project(session, f"p-{prefix}").id
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("UNROLL_")}
+        env.update({
+            "UNROLL_DATABASE_URL": self.database_url,
+            "UNROLL_REDIS_URL": self.redis_url,
+            "UNROLL_REDIS_PREFIX": self.prefix,
+            "UNROLL_RAY_ADDRESS": self.ray_address,
+            "UNROLL_ARTIFACTS": str(self.artifacts),
+            "UNROLL_LEASE_SECONDS": str(LEASE_SECONDS),
+            "UNROLL_RETRY_BACKOFF_SECONDS": "0.5",
+            "UNROLL_CANCEL_GRACE_SECONDS": "20",
+        })
+        env.update(extra)
+        return env
+
+    def start_worker(self) -> subprocess.Popen:
+        log_path = self.artifacts.parent / f"worker-{len(self.workers)}.log"
+        self.logs.append(log_path)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.dispatcher"], cwd=ROOT, env=self.env(),
+            stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+        )
+        self.workers.append(proc)
+        return proc
+
+    def submit(self, config: dict, priority: int = 0, enqueue: bool = True) -> str:
+        with self.sessions.begin() as session:
+            job, _ = repo.create_job(
+                session, project_id=self.project_id, config=config, name=config.get("name"), tags=[],
+                priority=priority, max_attempts=config.get("max_attempts", 3),
+                max_steps=config.get("train", {}).get("max_steps"), idempotency_key=None, sweep_id=None,
+            )
+            job_id = job.id
+        if enqueue:
+            self.enqueue(job_id, priority)
+        return job_id
+
+    def enqueue(self, job_id: str, priority: int = 0) -> None:
+        async def go() -> None:
+            import redis.asyncio as aioredis
+
+            client = aioredis.Redis.from_url(self.redis_url)
+            await JobQueue(client, self.prefix).enqueue(job_id, priority)
+            await client.aclose()
+
+        asyncio.run(go())
+
+    def job(self, job_id: str) -> Job:
+        with self.sessions.begin() as session:
+            return repo.get_job(session, job_id)
+
+    def wait(self, job_id: str, states: set[JobState], timeout: float = 120, step: int | None = None) -> Job:
+        """Poll until the job is in one of `states` (and past `step`, if given)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if job.state in states and (step is None or job.step >= step):
+                return job
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} still {job.state.value} at step {job.step} after {timeout}s\n{self.worker_logs()}")
+
+    def losses(self, job_id: str) -> dict[int, float | None]:
+        with self.sessions.begin() as session:
+            series = repo.read_series(session, job_id, names=["train/loss"])
+        return {step: value for step, value in series.get("train/loss", [])}
+
+    def worker_logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in self.logs if p.exists())
+
+    def stop(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.workers:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.engine.dispose()
+        client = redis_sync.Redis.from_url(self.redis_url)
+        keys = list(client.scan_iter(match=f"{self.prefix}:*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+@pytest.fixture
+def stack(database_url: str, redis_url: str, ray_address: str, tmp_path: Path, redis_prefix: str) -> Iterator[Stack]:
+    s = Stack(database_url, redis_url, ray_address, tmp_path / "artifacts", redis_prefix)
+    try:
+        yield s
+    finally:
+        s.stop()
+

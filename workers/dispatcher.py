@@ -1,0 +1,334 @@
+"""`unroll worker`: take queued jobs, claim them, and run each as a Ray task.
+
+The loop, per message from the Redis queue:
+
+1. the job must still be queued and due (else the message is dropped: the database
+   decides, the queue only delivers);
+2. some node of the cluster must be able to hold what the job asks for (`resources.cpus`,
+   `resources.gpus`); if none ever can, the job stays queued with a `pending_reason`
+   that users see, instead of failing or hiding;
+3. the resources must be free now; if not, the message goes back to the queue with its
+   priority and the dispatcher waits for a running job to end;
+4. the job is claimed in the database (queued → running, attempt + 1, a lease) — a
+   conditional UPDATE, so of several dispatchers exactly one wins;
+5. it runs as one Ray task with exactly those resources (`workers.runner.run_attempt`).
+
+Beside it, a maintenance loop: expired leases (a lost worker, actor or node) send their
+jobs back to the queue with attempt + 1 and a backoff, or fail them when the attempts are
+used up; a reconciler re-enqueues every due queued job that the queue does not hold (after
+a Redis flush or restart); cancel requests an attempt ignores past a grace period are
+enforced by killing its task; and a heartbeat in Redis tells `/readyz` that Ray answers.
+
+Why Ray tasks, not one actor per job: a job needs no state between calls, and Ray reuses
+a task's worker process, which keeps torch and the engine imported; creating an actor
+costs a fresh process (2–3 s here), which would cap throughput at well under one tiny job
+per second per core. GPU tasks get a fresh process per job anyway (Ray's default
+`max_calls=1` for GPU tasks releases GPU memory). Fate-sharing is the same: if the
+dispatcher dies, Ray ends the tasks it owns, their leases expire, and another dispatcher
+resumes the jobs from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from workers.ray_auth import use_ray_token
+
+use_ray_token()  # before `import ray`: Ray reads RAY_AUTH_MODE when it is imported
+
+import ray  # noqa: E402
+import redis.asyncio as aioredis
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db import repo, states
+from service.db.base import utcnow
+from service.db.errors import DatabaseUnavailable, NotFound
+from service.db.models import JobState
+from service.db.session import make_engine
+from service.keys import Keys
+from service.queue import JobQueue
+from service.settings import Settings, get_settings
+from workers.runner import AttemptSpec, run_attempt
+
+log = logging.getLogger("unroll.dispatcher")
+
+MAINTENANCE_EVERY_S = 1.0
+RECONCILE_EVERY_S = 5.0
+HEARTBEAT_TTL_S = 15
+
+
+@dataclass(frozen=True)
+class Needs:
+    cpus: float
+    gpus: float
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> "Needs":
+        resources = config.get("resources") or {}
+        return cls(float(resources.get("cpus", 1)), float(resources.get("gpus", 0)))
+
+    def fits(self, resources: dict[str, float]) -> bool:
+        return resources.get("CPU", 0.0) >= self.cpus - 1e-9 and resources.get("GPU", 0.0) >= self.gpus - 1e-9
+
+    def describe(self) -> str:
+        gpus = f" and {self.gpus:g} GPU" if self.gpus else ""
+        return f"{self.cpus:g} CPU{gpus}"
+
+
+@dataclass
+class Running:
+    job_id: str
+    attempt: int
+    ref: Any
+    needs: Needs
+    started: float = field(default_factory=time.monotonic)
+
+
+def _run_on_ray(spec: AttemptSpec) -> str:
+    return run_attempt(spec)
+
+
+def backoff_seconds(settings: Settings, attempt: int) -> float:
+    """Exponential backoff after a lost attempt: base, 2·base, 4·base, ... at most 5 min."""
+    return min(300.0, settings.retry_backoff_seconds * 2 ** max(0, attempt - 1))
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings | None = None, *, name: str | None = None):
+        self.settings = settings or get_settings()
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.prefix = prefix = self.settings.redis_prefix
+        self.keys = Keys(prefix)
+        self.sessions: sessionmaker[Session] = sessionmaker(make_engine(self.settings.database_url), expire_on_commit=False)
+        self.redis = aioredis.Redis.from_url(self.settings.redis_url)
+        self.queue = JobQueue(self.redis, prefix)
+        self.running: dict[str, Running] = {}
+        self.pending_reasons: dict[str, str | None] = {}
+        self._capacity = asyncio.Event()
+        self._remote: Any = None
+        self._last_reconcile = 0.0
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    async def db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a repository function in one transaction, off the event loop."""
+
+        def call() -> Any:
+            with self.sessions.begin() as session:
+                return fn(session, *args, **kwargs)
+
+        return await asyncio.to_thread(call)
+
+    def _connect_ray(self) -> None:
+        if not ray.is_initialized():
+            ray.init(
+                address=self.settings.ray_address or None,
+                namespace="unroll",
+                log_to_driver=False,
+                include_dashboard=False if not self.settings.ray_address else None,
+                runtime_env={"worker_process_setup_hook": "workers.runner.warm_up"},
+            )
+        self._remote = ray.remote(max_retries=0, retry_exceptions=False)(_run_on_ray)
+
+    # -- the loops ----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await asyncio.to_thread(self._connect_ray)
+        log.info("dispatcher %s ready: ray %s", self.name, await asyncio.to_thread(ray.cluster_resources))
+        tasks = [asyncio.create_task(self._dispatch_loop(stop)), asyncio.create_task(self._maintenance_loop(stop))]
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.redis.delete(self.keys.dispatcher_heartbeat(self.name))
+        await self.redis.aclose()
+
+    async def _dispatch_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                job_id = await self.queue.dequeue(self.name, lease_s=self.settings.lease_seconds, block_s=1.0)
+                if job_id is not None:
+                    await self.place(job_id)
+            except asyncio.CancelledError:
+                raise
+            except (DatabaseUnavailable, aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+                log.warning("dispatch paused, a dependency is down: %s", exc)
+                await asyncio.sleep(1.0)
+            except Exception:
+                log.exception("dispatch failed")
+                await asyncio.sleep(1.0)
+
+    async def _maintenance_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.maintain()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("maintenance failed: %s", exc)
+            await asyncio.sleep(MAINTENANCE_EVERY_S)
+
+    # -- placing one job ------------------------------------------------------------------
+
+    async def place(self, job_id: str) -> None:
+        try:
+            job = await self.db(_brief, job_id)
+        except NotFound:
+            await self.queue.ack(job_id, self.name)
+            return
+        if job["state"] != JobState.QUEUED or job["cancel_requested"] or job["not_before"]:
+            await self.queue.ack(job_id, self.name)  # not runnable now; the reconciler re-offers it when due
+            return
+        needs = Needs.of(job["config"])
+        totals = await asyncio.to_thread(_node_totals)
+        if not any(needs.fits(node) for node in totals):
+            biggest = max(totals, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+            await self._set_reason(job_id, f"no node can hold {needs.describe()} (largest node: {biggest.get('CPU', 0):g} CPU, {biggest.get('GPU', 0):g} GPU)")
+            await self.queue.ack(job_id, self.name)
+            return
+        if not needs.fits(await asyncio.to_thread(ray.available_resources)):
+            await self._set_reason(job_id, f"waiting for {needs.describe()} to be free")
+            await self.queue.release(job_id, self.name, job["priority"])
+            self._capacity.clear()
+            try:
+                await asyncio.wait_for(self._capacity.wait(), timeout=0.5)
+            except TimeoutError:
+                pass
+            return
+        attempt = await self.db(states.claim, job_id, self.name, self.settings.lease_seconds)
+        if attempt is None:  # another dispatcher won, or it was cancelled meanwhile
+            await self.queue.ack(job_id, self.name)
+            return
+        self.pending_reasons.pop(job_id, None)
+        spec = AttemptSpec(
+            job_id=job_id, attempt=attempt, worker=self.name, database_url=self.settings.database_url,
+            redis_url=self.settings.redis_url, artifacts=self.settings.artifacts,
+            lease_seconds=float(self.settings.lease_seconds), prefix=self.prefix,
+        )
+        options = {"num_cpus": needs.cpus, "num_gpus": needs.gpus, "name": f"{job_id}-a{attempt}"}
+        ref = self._remote.options(**options).remote(spec)
+        self.running[job_id] = Running(job_id, attempt, ref, needs)
+        await self.queue.ack(job_id, self.name)
+        log.info("job %s attempt %d started (%s)", job_id, attempt, needs.describe())
+        asyncio.create_task(self._watch(self.running[job_id]))
+
+    async def _set_reason(self, job_id: str, reason: str | None) -> None:
+        if self.pending_reasons.get(job_id) != reason:
+            self.pending_reasons[job_id] = reason
+            await self.db(repo.set_pending_reason, job_id, reason)
+
+    async def _watch(self, run: Running) -> None:
+        try:
+            outcome = await run.ref
+            log.info("job %s attempt %d ended: %s", run.job_id, run.attempt, outcome)
+        except asyncio.CancelledError:
+            raise
+        except ray.exceptions.TaskCancelledError:
+            await self.db(states.finish, run.job_id, run.attempt, JobState.CANCELLED, "cancelled: the attempt ignored the request and was stopped")
+        except Exception as exc:  # the task crashed, its worker died, or its node is gone
+            reason = _short(exc)
+            log.warning("job %s attempt %d lost: %s", run.job_id, run.attempt, reason)
+            await self._requeue(run.job_id, run.attempt, reason, require_expired=False)
+        finally:
+            self.running.pop(run.job_id, None)
+            self._capacity.set()
+
+    async def _requeue(self, job_id: str, attempt: int, reason: str, *, require_expired: bool) -> None:
+        delay = backoff_seconds(self.settings, attempt)
+        state = await self.db(
+            states.requeue_lost, job_id, attempt, reason=reason, backoff_seconds=delay, require_expired=require_expired
+        )
+        if state is None:
+            return
+        log.info("job %s attempt %d: %s -> %s (retry after %.1fs)", job_id, attempt, reason, state.value, delay)
+        # Due jobs reach the queue through the reconciler once their backoff has passed.
+
+    # -- maintenance ------------------------------------------------------------------------
+
+    async def maintain(self) -> None:
+        await self.queue.reclaim_expired()
+        # Leases of our own tasks are renewed here too, so a task Ray has not started yet
+        # (waiting for a node) is not taken for lost; a started one renews its own.
+        for run in list(self.running.values()):
+            await self.db(states.renew_lease, run.job_id, run.attempt, self.name, self.settings.lease_seconds)
+        for lease in await self.db(states.expired_leases):
+            await self._requeue(lease.job_id, lease.attempt, "worker lost: lease expired", require_expired=True)
+        for job_id, attempt in await self.db(repo.cancel_overdue, list(self.running), grace_seconds=self.settings.cancel_grace_seconds):
+            run = self.running.get(job_id)
+            if run is not None and run.attempt == attempt:
+                log.warning("job %s attempt %d ignored its cancel request: stopping it", job_id, attempt)
+                ray.cancel(run.ref, force=True)
+        if time.monotonic() - self._last_reconcile >= RECONCILE_EVERY_S:
+            self._last_reconcile = time.monotonic()
+            await self.reconcile()
+        await self._heartbeat()
+
+    async def reconcile(self) -> int:
+        """Enqueue every due queued job that the queue does not hold; returns how many."""
+        due = await self.db(repo.dispatchable_jobs)
+        if not due:
+            return 0
+        held = await self.queue.contains_many([job_id for job_id, _ in due])
+        missing = [(job_id, priority) for (job_id, priority), has in zip(due, held) if not has]
+        if missing:
+            await self.queue.enqueue_many(missing)
+            log.info("reconciler re-enqueued %d queued jobs", len(missing))
+        return len(missing)
+
+    async def _heartbeat(self) -> None:
+        try:
+            resources = await asyncio.to_thread(ray.cluster_resources)
+            status = {"ray": "ok", "cluster": resources}
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            status = {"ray": f"unreachable: {_short(exc)}"}
+        status.update({"dispatcher": self.name, "running": len(self.running), "ts": time.time()})
+        await self.redis.set(self.keys.dispatcher_heartbeat(self.name), json.dumps(status), ex=HEARTBEAT_TTL_S)
+
+
+def _brief(session: Session, job_id: str) -> dict[str, Any]:
+    job = repo.get_job(session, job_id)
+    due = job.not_before is None or job.not_before <= utcnow()
+    return {
+        "state": job.state,
+        "priority": job.priority,
+        "config": job.config,
+        "cancel_requested": job.cancel_requested_at is not None,
+        "not_before": not due,
+    }
+
+
+def _node_totals() -> list[dict[str, float]]:
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:500]
+
+
+def main() -> int:
+    """`unroll worker`: run a dispatcher until SIGINT or SIGTERM."""
+    from service.logs import configure_logging
+
+    configure_logging()
+    settings = get_settings()
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await Dispatcher(settings).run(stop)
+
+    asyncio.run(serve())
+    return 0
+if __name__ == "__main__":
+    raise SystemExit(main())

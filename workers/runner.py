@@ -1,0 +1,134 @@
+"""One attempt of one job, run inside a Ray worker: load, resume, train, report, finish.
+
+Everything the attempt needs is passed in explicitly (`AttemptSpec`): a Ray worker does not
+share the dispatcher's environment. The outcome is written by the attempt itself, fenced
+by its number; what it cannot decide (a crash, a lost node) is left to the dispatcher,
+which sees the Ray task fail, or to the lease, which expires.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import traceback
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import redis
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.artifacts import ArtifactStore
+from service.db import repo, states
+from service.db.models import JobState
+from service.db.session import make_engine
+from trainer import checkpoint as ckpt
+from trainer.config import ConfigError
+from trainer.loop import NonFiniteError, fit
+from workers.reporter import Attempt, AttemptStale, JobReporter
+
+log = logging.getLogger("unroll.worker")
+
+# Failures of the job itself: retrying cannot help, so the job fails at once.
+JOB_ERRORS = (ConfigError, NonFiniteError)
+
+
+@dataclass(frozen=True)
+class AttemptSpec:
+    job_id: str
+    attempt: int
+    worker: str
+    database_url: str
+    redis_url: str
+    artifacts: str
+    lease_seconds: float
+    prefix: str = "unroll"
+
+
+@lru_cache(maxsize=4)
+def _sessions(database_url: str) -> sessionmaker[Session]:
+    # One engine per worker process and database, reused by every attempt it runs.
+    return sessionmaker(make_engine(database_url, pool_size=2, max_overflow=2), expire_on_commit=False)
+
+
+@lru_cache(maxsize=4)
+def _redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+
+def warm_up() -> None:
+    """Ray's worker_process_setup_hook: import the heavy modules before the first job."""
+    import torch  # noqa: F401
+
+    import trainer.loop  # noqa: F401
+
+
+def run_attempt(spec: AttemptSpec) -> str:
+    """Run the attempt to its end; returns the state it wrote (or "stale").
+
+    Raises for infrastructure failures (the dispatcher retries the job from its last
+    checkpoint); job errors end the job as failed here.
+    """
+    sessions = _sessions(spec.database_url)
+    store = ArtifactStore(spec.artifacts)
+    attempt = Attempt(
+        job_id=spec.job_id, number=spec.attempt, worker=spec.worker, sessions=sessions, store=store,
+        redis=_redis(spec.redis_url), prefix=spec.prefix, lease_seconds=spec.lease_seconds,
+    )
+    with sessions.begin() as session:
+        job = repo.get_job(session, spec.job_id)
+        config, project_id = job.config, job.project_id
+        latest = repo.latest_checkpoint(session, spec.job_id)
+        latest_uri = latest.uri if latest else None
+    resume = ckpt.from_bytes(store.read_bytes(latest_uri)) if latest_uri else None
+
+    def resolve(dataset_id: str) -> Path:
+        with sessions.begin() as session:
+            dataset = repo.get_dataset(session, dataset_id, project_id=project_id)
+            uri = dataset.uri
+        return store.local_path(uri, Path(tempfile.gettempdir()) / "unroll-datasets")
+
+    reporter = JobReporter(attempt)
+    attempt.publish({"type": "state", "state": "running", "attempt": spec.attempt, "worker": spec.worker})
+    try:
+        summary = fit(config, [reporter], resume=resume, resolve=resolve)
+    except JOB_ERRORS as exc:
+        return _finish(reporter, JobState.FAILED, error=str(exc))
+    except Exception:
+        reporter.log(traceback.format_exc(), level="error")
+        try:
+            reporter.close()
+        except Exception:  # noqa: BLE001 - the original failure is the one to report
+            pass
+        raise
+    if reporter.stale:
+        reporter.abandon()
+        return "stale"
+    state = JobState.CANCELLED if summary.stopped == "cancelled" else JobState.SUCCEEDED
+    return _finish(reporter, state, summary=summary)
+
+
+def _finish(reporter: JobReporter, state: JobState, *, error: str | None = None, summary=None) -> str:
+    attempt = reporter.attempt
+    if error:
+        reporter.log(f"failed: {error}", level="error")
+    try:
+        reporter.close(summary)
+        with attempt.sessions.begin() as session:
+            done = states.finish(
+                session, attempt.job_id, attempt.number, state, error,
+                summary=summary.to_dict() if summary is not None else None,
+            )
+    except AttemptStale:
+        return "stale"
+    if not done:
+        return "stale"
+    attempt.publish({"type": "state", "state": state.value, "attempt": attempt.number, "error": error})
+    return state.value
+
+
+def default_worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
