@@ -326,12 +326,17 @@ def _roles(subparsers) -> None:
         getattr(module, function)(subparsers)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from trainer import cli as train_cli
-
+def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
+    """The whole command line. `with_train=False` stands a placeholder in for `train`,
+    whose module imports torch (seconds): the client commands should start at once."""
     parser = argparse.ArgumentParser(prog="unroll", description="Truncated-BPTT training for recurrent networks.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    train_cli.add_parser(subparsers)
+    if with_train:
+        from trainer import cli as train_cli
+
+        train_cli.add_parser(subparsers)
+    else:
+        subparsers.add_parser("train", help="train a config locally, without services (see unroll train -h)")
     _db(subparsers)
     _api(subparsers)
     _token(subparsers)
@@ -341,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(with_train=bool(argv) and argv[0] == "train").parse_args(argv)
     return args.func(args)
 
 
