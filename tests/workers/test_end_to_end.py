@@ -96,7 +96,7 @@ def test_killed_worker_resumes_with_the_exact_losses_of_an_undisturbed_run(stack
     assert stack.losses(job_id) == undisturbed_losses(config)
 
 
-def test_a_flushed_redis_loses_no_job(stack, private_redis):
+def test_a_flushed_redis_loses_no_job(private_redis, stack):
     stack.redis_url = private_redis.url
     stack.start_worker()
     ids = [stack.submit(tiny_config(40, train={"seed": i})) for i in range(4)]
