@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -94,8 +94,8 @@ class Stack:
     """The parts a worker test drives: a database, a Redis prefix, a Ray cluster, and
     dispatcher processes."""
 
-    def __init__(self, database_url: str, redis_url: str, ray_address: str, artifacts: Path, prefix: str):
-        self.database_url, self.redis_url, self.ray_address = database_url, redis_url, ray_address
+    def __init__(self, database_url: str, redis_url: str, ray_address: Callable[[], str], artifacts: Path, prefix: str):
+        self.database_url, self.redis_url, self._ray_address = database_url, redis_url, ray_address
         self.artifacts, self.prefix = artifacts, prefix
         self.engine = make_engine(database_url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -110,7 +110,7 @@ class Stack:
             "UNROLL_DATABASE_URL": self.database_url,
             "UNROLL_REDIS_URL": self.redis_url,
             "UNROLL_REDIS_PREFIX": self.prefix,
-            "UNROLL_RAY_ADDRESS": self.ray_address,
+            "UNROLL_RAY_ADDRESS": self._ray_address(),  # the Ray head starts on first use
             "UNROLL_ARTIFACTS": str(self.artifacts),
             "UNROLL_LEASE_SECONDS": str(LEASE_SECONDS),
             "UNROLL_RETRY_BACKOFF_SECONDS": "0.5",
@@ -195,8 +195,8 @@ class Stack:
 
 
 @pytest.fixture
-def stack(database_url: str, redis_url: str, ray_address: str, tmp_path: Path, redis_prefix: str) -> Iterator[Stack]:
-    s = Stack(database_url, redis_url, ray_address, tmp_path / "artifacts", redis_prefix)
+def stack(request, database_url: str, redis_url: str, tmp_path: Path, redis_prefix: str) -> Iterator[Stack]:
+    s = Stack(database_url, redis_url, lambda: request.getfixturevalue("ray_address"), tmp_path / "artifacts", redis_prefix)
     try:
         yield s
     finally:
