@@ -17,21 +17,21 @@ from service.settings import Settings
 _bearer = HTTPBearer(auto_error=False, description="A project token (`unroll token create`) or, on /v1/admin, the admin token")
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_settings_of_app(runtime: RuntimeDep) -> Settings:
+async def get_settings_of_app(runtime: RuntimeDep) -> Settings:
     return runtime.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_of_app)]
 
 
-def get_sessions(runtime: RuntimeDep) -> async_sessionmaker[AsyncSession]:
+async def get_sessions(runtime: RuntimeDep) -> async_sessionmaker[AsyncSession]:
     return runtime.sessions
 
 
@@ -53,7 +53,7 @@ async def get_project(runtime: RuntimeDep, credentials: Credentials) -> auth.Pri
 ProjectDep = Annotated[auth.Principal, Depends(get_project)]
 
 
-def get_admin(runtime: RuntimeDep, credentials: Credentials) -> None:
+async def get_admin(runtime: RuntimeDep, credentials: Credentials) -> None:
     auth.require_admin(credentials.credentials if credentials is not None else None, _admin_secret(runtime))
 
 

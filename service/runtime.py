@@ -4,6 +4,8 @@ lifespan (``open_runtime``), closed when it ends; nothing here connects at impor
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -37,6 +39,16 @@ class Runtime:
     quota: QueuedCounter
     metrics: Metrics
 
+    @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[AsyncSession]:
+        """A session on an autocommit connection: each statement is its own transaction,
+        committed in the same round trip (no BEGIN, no COMMIT). For paths whose write is a
+        single statement, like a submission."""
+        async with self.engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            async with AsyncSession(bind=conn, expire_on_commit=False) as session:
+                yield session
+
     async def close(self) -> None:
         await self.redis.aclose()
         await self.engine.dispose()
@@ -45,7 +57,16 @@ class Runtime:
 def open_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     overrides = {}
     if settings.database_url.startswith(("postgres://", "postgresql")):
-        overrides = {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}
+        # No pre-ping: on asyncpg it costs three round trips (BEGIN, ping, ROLLBACK) per
+        # checkout, more than a submission's own write. A connection the server dropped
+        # fails its request with a 503 instead and is discarded (invalidated), so after a
+        # database restart each pooled connection costs one failed request.
+        overrides = {
+            "pool_size": settings.db_pool_size,
+            "max_overflow": settings.db_max_overflow,
+            "pool_pre_ping": False,
+            "pool_recycle": 1800,
+        }
     engine = make_async_engine(settings.database_url, **overrides)
     redis = aioredis.Redis.from_url(
         settings.redis_url,

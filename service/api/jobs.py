@@ -103,10 +103,12 @@ async def submit_job(
             description="Repeats with the same key (per project) return the first job with 200",
         ),
     ] = None,
-) -> JobPublic:
+) -> JobPublic | Response:
     settings = runtime.settings
     config = check_config(await read_json(request), settings)
-    async with runtime.sessions() as session, session.begin():
+    # One statement does the write (INSERT … ON CONFLICT DO NOTHING RETURNING), so it runs
+    # on an autocommit connection: committed in its own round trip, no BEGIN/COMMIT.
+    async with runtime.autocommit() as session:
         if idempotency_key is not None:
             existing = await session.run_sync(repo.get_job_by_idempotency_key, project.project_id, idempotency_key)
             if existing is not None:
@@ -114,20 +116,20 @@ async def submit_job(
                 return JobPublic.of(existing)
         await check_dataset(session, config, project.project_id)
         await runtime.quota.check(session, project.project_id, 1, settings.max_queued_per_project)
-        job, created = await session.run_sync(
-            _create_job, project.project_id, config, idempotency_key
-        )
+        job, created = await session.run_sync(_create_job, project.project_id, config, idempotency_key, None, repo.insert_job)
     if not created:  # lost a race with the same key: the winner's job, as a repeat
         response.status_code = status.HTTP_200_OK
         return JobPublic.of(job)
     runtime.quota.added(project.project_id, 1)
     runtime.metrics.submissions.inc()
     await enqueue_after_commit(runtime, [(job.id, job.priority)])
-    return JobPublic.of(job)
+    # Serialized once here (the hot path): returning the model would have FastAPI dump,
+    # re-validate and dump it again.
+    return Response(JobPublic.of(job).model_dump_json(), status_code=201, media_type="application/json")
 
 
-def _create_job(session, project_id, config, idempotency_key, sweep_id=None):
-    return repo.create_job(
+def _create_job(session, project_id, config, idempotency_key, sweep_id=None, create=repo.create_job):
+    return create(
         session,
         project_id=project_id,
         config=stored_config(config),

@@ -733,3 +733,75 @@ def count_jobs_by_state(session: Session) -> dict[JobState, int]:
     """Jobs of every project per state, for the Prometheus gauge read at scrape time."""
     rows = session.execute(sa.select(Job.state, sa.func.count()).group_by(Job.state)).all()
     return {state: count for state, count in rows}
+
+
+def insert_job(
+    session: Session,
+    *,
+    project_id: str,
+    config: Mapping[str, Any],
+    name: str | None = None,
+    tags: Sequence[str] = (),
+    priority: int = 0,
+    max_attempts: int = 3,
+    max_steps: int | None = None,
+    idempotency_key: str | None = None,
+    sweep_id: str | None = None,
+    now: datetime | None = None,
+) -> tuple[Job, bool]:
+    """create_job in one statement, for the API's hot path: INSERT … ON CONFLICT (project,
+    Idempotency-Key) DO NOTHING RETURNING, so it needs no savepoint and, run on an
+    autocommit connection, is a whole transaction in one round trip. A key already used
+    returns the existing job (also when two submissions race). Returns (job, created)."""
+    now = now or utcnow()
+    values = {
+        "id": new_id("job"),
+        "project_id": project_id,
+        "sweep_id": sweep_id,
+        "name": name,
+        "tags": list(tags),
+        "config": dict(config),
+        "state": JobState.QUEUED,
+        "priority": priority,
+        "attempt": 0,
+        "max_attempts": max_attempts,
+        "retry_base": 0,
+        "step": 0,
+        "max_steps": max_steps,
+        "progress": 0.0,
+        "idempotency_key": idempotency_key,
+        "created_at": now,
+        "updated_at": now,
+    }
+    dialect = session.get_bind().dialect.name
+    stmt = _INSERT_JOB.get(dialect)
+    if stmt is None:
+        stmt = _INSERT_JOB[dialect] = _insert_job_statement(dialect)
+    row = session.execute(stmt, values).first()
+    if row is not None:
+        return row, True  # type: ignore[return-value]  (a Row with every column of Job)
+    existing = get_job_by_idempotency_key(session, project_id, idempotency_key)  # type: ignore[arg-type]
+    if existing is None:  # deleted between the conflict and the read: vanishingly rare
+        raise NotFound("job", f"idempotency key {idempotency_key!r}")
+    return existing, False
+
+
+# One statement per dialect, built once with a bind parameter per column: executing it only
+# binds values (no per-request statement construction or cache-key computation).
+_INSERT_JOB: dict[str, Any] = {}
+
+
+def _insert_job_statement(dialect: str) -> Any:
+    from sqlalchemy.dialects import sqlite
+
+    table = Job.__table__
+    columns = [
+        "id", "project_id", "sweep_id", "name", "tags", "config", "state", "priority", "attempt",
+        "max_attempts", "retry_base", "step", "max_steps", "progress", "idempotency_key",
+        "created_at", "updated_at",
+    ]
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(table).values({c: sa.bindparam(c, type_=table.c[c].type) for c in columns})
+    # NULL keys never conflict, so one statement serves submissions with and without a key.
+    stmt = stmt.on_conflict_do_nothing(index_elements=["project_id", "idempotency_key"])
+    return stmt.returning(*table.c)
