@@ -154,6 +154,9 @@ class Dispatcher:
     async def _dispatch_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
+                if not (await self.free()).get("CPU", 0.0) > 1e-9 and self.running:
+                    await self._wait_for_capacity()  # nothing could start: take no message
+                    continue
                 job_id = await self.queue.dequeue(self.name, lease_s=self.settings.lease_seconds, block_s=1.0)
                 if job_id is not None:
                     await self.place(job_id)
@@ -194,14 +197,10 @@ class Dispatcher:
             await self._set_reason(job_id, f"no node can hold {needs.describe()} (largest node: {biggest.get('CPU', 0):g} CPU, {biggest.get('GPU', 0):g} GPU)")
             await self.queue.ack(job_id, self.name)
             return
-        if not needs.fits(await asyncio.to_thread(ray.available_resources)):
+        if not needs.fits(await self.free()):
             await self._set_reason(job_id, f"waiting for {needs.describe()} to be free")
             await self.queue.release(job_id, self.name, job["priority"])
-            self._capacity.clear()
-            try:
-                await asyncio.wait_for(self._capacity.wait(), timeout=0.5)
-            except TimeoutError:
-                pass
+            await self._wait_for_capacity()
             return
         attempt = await self.db(states.claim, job_id, self.name, self.settings.lease_seconds)
         if attempt is None:  # another dispatcher won, or it was cancelled meanwhile
@@ -219,6 +218,23 @@ class Dispatcher:
         await self.queue.ack(job_id, self.name)
         log.info("job %s attempt %d started (%s)", job_id, attempt, needs.describe())
         asyncio.create_task(self._watch(self.running[job_id]))
+
+    async def free(self) -> dict[str, float]:
+        """Resources free for a new task. Ray's own count lags behind the tasks we just
+        submitted, so what our running tasks hold is subtracted from the cluster's total
+        too, and the smaller of the two is taken (other dispatchers show up in Ray's)."""
+        available, total = await asyncio.to_thread(lambda: (ray.available_resources(), ray.cluster_resources()))
+        ours = {"CPU": sum(r.needs.cpus for r in self.running.values()), "GPU": sum(r.needs.gpus for r in self.running.values())}
+        return {k: min(available.get(k, 0.0), total.get(k, 0.0) - ours[k]) for k in ("CPU", "GPU")}
+
+    async def _wait_for_capacity(self, timeout: float = 0.1) -> None:
+        """Until one of our tasks ends, or `timeout`: Ray frees a finished task's
+        resources a moment after it returns, and other dispatchers' tasks end unseen."""
+        self._capacity.clear()
+        try:
+            await asyncio.wait_for(self._capacity.wait(), timeout=timeout)
+        except TimeoutError:
+            pass
 
     async def _set_reason(self, job_id: str, reason: str | None) -> None:
         if self.pending_reasons.get(job_id) != reason:
