@@ -123,7 +123,7 @@ class Stack:
                                capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         self.start(py, "-m", "service.cli", "api", "--port", str(self.api_port), name="api")
         wait_http(f"http://127.0.0.1:{self.api_port}/healthz")
-        self.start(py, "-m", "workers.dispatcher", name="worker")
+        self.start(py, "-m", "service.cli", "worker", name="worker")
         return f"http://127.0.0.1:{self.api_port}", token
 
     def down(self) -> None:

@@ -11,7 +11,7 @@ service dependencies at start-up and `unroll --help` stays fast.
                                the HTTP client (service.client), reading the URL and token
                                from --url/--token, UNROLL_URL/UNROLL_TOKEN, or the file
                                `unroll up` writes
-    worker, up, sweep          added by their own modules: register them in ROLES below
+    worker                     workers.cli (registered in ROLES below)
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import argparse
 import sys
 import time
 
-# Sub-commands contributed by other modules: each is "module:function", the function takes
-# the sub-parsers object and adds its parser (with set_defaults(func=...)). A module that
-# does not exist yet is skipped, so the roles can land one by one.
+# Sub-commands contributed by other packages: each is "module:function", the function takes
+# the sub-parsers object and adds its parser (with set_defaults(func=...)); it must not
+# import anything heavy (torch, ray) until its command runs.
 ROLES = ("workers.cli:add_parser",)
 
 
@@ -317,13 +317,7 @@ def _roles(subparsers) -> None:
 
     for spec in ROLES:
         module_name, _, function = spec.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue  # not written yet
-            raise
-        getattr(module, function)(subparsers)
+        getattr(importlib.import_module(module_name), function)(subparsers)
 
 
 def build_parser(with_train: bool = True) -> argparse.ArgumentParser:

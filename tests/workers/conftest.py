@@ -123,7 +123,7 @@ class Stack:
         log_path = self.artifacts.parent / f"worker-{len(self.workers)}.log"
         self.logs.append(log_path)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.dispatcher"], cwd=ROOT, env=self.env(),
+            [sys.executable, "-m", "service.cli", "worker"], cwd=ROOT, env=self.env(),
             stdout=log_path.open("w"), stderr=subprocess.STDOUT,
         )
         self.workers.append(proc)
