@@ -4,14 +4,16 @@ The loop, per message from the Redis queue:
 
 1. the job must still be queued and due (else the message is dropped: the database
    decides, the queue only delivers);
-2. some node of the cluster must be able to hold what the job asks for (`resources.cpus`,
+2. its sweep, if any, must run fewer than `max_parallel` jobs (else it waits; two
+   dispatchers racing may exceed the limit by one for a moment);
+3. some node of the cluster must be able to hold what the job asks for (`resources.cpus`,
    `resources.gpus`); if none ever can, the job stays queued with a `pending_reason`
    that users see, instead of failing or hiding;
-3. the resources must be free now; if not, the message goes back to the queue with its
+4. the resources must be free now; if not, the message goes back to the queue with its
    priority and the dispatcher waits for a running job to end;
-4. the job is claimed in the database (queued → running, attempt + 1, a lease) — a
+5. the job is claimed in the database (queued → running, attempt + 1, a lease) — a
    conditional UPDATE, so of several dispatchers exactly one wins;
-5. it runs as one Ray task with exactly those resources (`workers.runner.run_attempt`).
+6. it runs as one Ray task with exactly those resources (`workers.runner.run_attempt`).
 
 Beside it, a maintenance loop: expired leases (a lost worker, actor or node) send their
 jobs back to the queue with attempt + 1 and a backoff, or fail them when the attempts are
@@ -190,6 +192,11 @@ class Dispatcher:
         if job["state"] != JobState.QUEUED or job["cancel_requested"] or job["not_before"]:
             await self.queue.ack(job_id, self.name)  # not runnable now; the reconciler re-offers it when due
             return
+        if job["sweep_full"]:
+            await self._set_reason(job_id, f"its sweep already runs max_parallel={job['sweep_full']} jobs")
+            await self.queue.release(job_id, self.name, job["priority"])
+            await self._wait_for_capacity()
+            return
         needs = Needs.of(job["config"])
         totals = await asyncio.to_thread(_node_totals)
         if not any(needs.fits(node) for node in totals):
@@ -312,7 +319,13 @@ class Dispatcher:
 def _brief(session: Session, job_id: str) -> dict[str, Any]:
     job = repo.get_job(session, job_id)
     due = job.not_before is None or job.not_before <= utcnow()
+    sweep_full = 0  # a sweep's max_parallel, when that many of its jobs already run
+    if job.sweep_id is not None:
+        limit = repo.get_sweep(session, job.sweep_id).max_parallel
+        if limit and repo.count_running_in_sweep(session, job.sweep_id) >= limit:
+            sweep_full = limit
     return {
+        "sweep_full": sweep_full,
         "state": job.state,
         "priority": job.priority,
         "config": job.config,
