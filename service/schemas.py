@@ -189,7 +189,7 @@ class SweepCreate(BaseModel):
     max_parallel: int | None = Field(None, ge=1, le=1_000_000)
 
 
-class SweepRow(BaseModel):
+class SweepJob(BaseModel):
     job_id: str
     # The grid values of this job ({dotted.path: value}) and its seed.
     point: dict[str, Any]
@@ -201,9 +201,59 @@ class SweepRow(BaseModel):
     summary: dict[str, Any] | None
 
 
+class SweepStat(BaseModel):
+    # Over the point's seeds that have a finite value; std is the sample standard
+    # deviation (null with fewer than two values).
+    mean: float | None
+    std: float | None
+    n: int
+    # Seeds whose value was not finite (stored as null): left out of mean and std.
+    nonfinite: int = 0
+
+
+class SweepPointSummary(BaseModel):
+    # {dotted.path: value}: one combination of the grid.
+    point: dict[str, Any]
+    # Jobs of this point that have finished (succeeded, failed or cancelled), of all.
+    jobs_done: int
+    jobs_total: int
+    # Jobs per state.
+    states: dict[str, int]
+    # The last evaluation of the task's metric, and the best one (max for accuracy, min
+    # for ppl and mse), over seeds; running jobs count with what they have reported.
+    final: SweepStat
+    best: SweepStat
+    # Means over the point's jobs (from each finished job's summary; for a running one,
+    # its steps so far, seconds since it started and latest tokens/s).
+    steps: float | None
+    wall_s: float | None
+    tokens_per_s: float | None
+    # The maximum over the point's jobs.
+    peak_memory_bytes: int | None
+    clipped_fraction: float | None
+    skipped_steps: float | None
+    job_ids: list[str]
+
+
+class SweepSummary(BaseModel):
+    # The task's validation metric: valid/accuracy (recall), valid/ppl (text), valid/mse
+    # (adding, timeseries); and whether higher ("max") or lower ("min") is better.
+    metric: str
+    goal: Literal["max", "min"]
+    # The grid's paths, in order.
+    axes: list[str]
+    # One row per grid point, in the grid's order.
+    rows: list[SweepPointSummary]
+    # The point with the best final mean (the first in grid order on a tie); null before
+    # any evaluation.
+    best_point: dict[str, Any] | None
+
+
 class SweepPublic(BaseModel):
     id: str
     name: str | None
+    # running while any job runs (or some ran and some wait); queued when none started;
+    # when all ended: failed if any failed, else cancelled if any was, else succeeded.
     state: StateName
     created_at: datetime
     cancel_requested: bool
@@ -214,7 +264,9 @@ class SweepPublic(BaseModel):
     # Jobs per state.
     counts: dict[str, int]
     # One row per job: grid point x seed.
-    rows: list[SweepRow]
+    jobs: list[SweepJob]
+    # One row per grid point, seeds aggregated: the comparison table.
+    summary: SweepSummary
 
 
 class SweepCancelled(BaseModel):

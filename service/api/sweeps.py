@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, status
+from fastapi import APIRouter, Path, Query, Response, status
 from redis.exceptions import RedisError
 
+from service import sweeps
 from service.db import repo, states
+from service.db.base import utcnow
 from service.db.models import Job, JobState
 from service.deps import ProjectDep, RuntimeDep
 from service.errors import ApiError, Invalid
 from service.errors import responses as error_responses
-from service.schemas import SweepCancelled, SweepCreate, SweepPublic, SweepRow
+from service.schemas import SweepCancelled, SweepCreate, SweepJob, SweepPublic
 from service.submission import check_config, check_dataset
 from service.api.jobs import _create_job, enqueue_after_commit
 from trainer.config import JobConfig
@@ -46,13 +48,7 @@ def set_path(config: dict[str, Any], path: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def get_path(config: dict[str, Any], path: str) -> Any:
-    node: Any = config
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+get_path = sweeps.get_path
 
 
 def expand(body: SweepCreate) -> list[tuple[dict[str, Any], dict[str, Any], int]]:
@@ -153,51 +149,89 @@ def _create(session, project_id: str, body: SweepCreate, configs) -> tuple[Sweep
 
 
 def _summary(session, sweep) -> SweepPublic:
+    """The sweep as the API shows it: its jobs one by one, and the comparison table."""
     jobs: list[Job] = repo.list_sweep_jobs(session, sweep.id)
-    counts = {state.value: n for state, n in repo.sweep_state_counts(session, sweep.id).items()}
+    counts = repo.sweep_state_counts(session, sweep.id)
+    metric, goal = sweeps.task_metric(sweep.base)
     base_seed = get_path(sweep.base, "train.seed")
-    rows = []
+    now = utcnow()
+    rows, outcomes = [], []
     for job in jobs:
+        state = JobState(job.state).value
+        started = job.started_at is not None
+        # A job that never ran has no metrics: skip its queries.
+        evaluations = repo.read_series(session, job.id, names=[metric])[metric] if started else []
+        latest: dict[str, float | None] = {}
+        summary = job.summary
+        if summary is None and started:
+            latest = {name: value for name, (_, value) in repo.last_metrics(session, job.id).items()}
+            summary = latest
         point = {path: get_path(job.config, path) for path in sweep.grid}
         seed = get_path(job.config, "train.seed")
-        summary = job.summary
-        if summary is None and job.state != JobState.QUEUED:
-            summary = {name: value for name, (_, value) in repo.last_metrics(session, job.id).items()}
         rows.append(
-            SweepRow(
+            SweepJob(
                 job_id=job.id,
                 point=point,
                 seed=seed if isinstance(seed, int) else (base_seed or 0),
-                state=JobState(job.state).value,
+                state=state,
                 progress=job.progress,
                 step=job.step,
                 summary=summary,
             )
         )
+        outcomes.append(
+            sweeps.JobOutcome(
+                job_id=job.id,
+                config=job.config,
+                state=state,
+                step=job.step,
+                started=started,
+                summary=job.summary,
+                evaluations=evaluations,
+                running_s=(now - job.started_at).total_seconds() if started and job.summary is None else None,
+                latest=latest,
+            )
+        )
     return SweepPublic(
         id=sweep.id,
         name=sweep.name,
-        state=repo.sweep_state(repo.sweep_state_counts(session, sweep.id)),
+        state=repo.sweep_state(counts),
         created_at=sweep.created_at,
         cancel_requested=sweep.cancel_requested_at is not None,
         base=sweep.base,
         grid=sweep.grid,
         seeds=sweep.seeds,
         max_parallel=sweep.max_parallel,
-        counts=counts,
-        rows=rows,
+        counts={state.value: n for state, n in counts.items()},
+        jobs=rows,
+        summary=sweeps.summarize(sweep.grid, sweep.seeds, outcomes, metric, goal),
     )
 
 
 @router.get(
     "/{sweep_id}",
     response_model=SweepPublic,
-    summary="A sweep's state and its table: one row per job (grid point x seed)",
-    responses=error_responses(401, 404, 503),
+    summary="A sweep's state, its jobs, and the summary table: one row per grid point",
+    responses={
+        **error_responses(401, 404, 422, 503),
+        200: {"content": {"text/csv": {"schema": {"type": "string"}}}, "description": "The sweep (JSON), or with format=csv its summary rows"},
+    },
 )
-async def get_sweep(sweep_id: SweepId, project: ProjectDep, runtime: RuntimeDep) -> SweepPublic:
+async def get_sweep(
+    sweep_id: SweepId,
+    project: ProjectDep,
+    runtime: RuntimeDep,
+    format: Annotated[Literal["json", "csv"], Query(description="csv: the summary rows as text/csv")] = "json",
+):
     async with runtime.sessions() as session:
-        return await session.run_sync(lambda s: _summary(s, repo.get_sweep(s, sweep_id, project.project_id)))
+        public = await session.run_sync(lambda s: _summary(s, repo.get_sweep(s, sweep_id, project.project_id)))
+    if format == "csv":
+        return Response(
+            sweeps.to_csv(public.summary.model_dump()),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{sweep_id}.csv"'},
+        )
+    return public
 
 
 @router.post(

@@ -20,8 +20,8 @@ async def test_sweep_expands_grid_times_seeds(client, make_token, settings, redi
     r = await client.post("/v1/sweeps", json=body, headers=auth(token))
     assert r.status_code == 201, r.text
     sweep = r.json()
-    assert sweep["state"] == "queued" and sweep["counts"] == {"queued": 12} and len(sweep["rows"]) == 12
-    points = {(row["point"]["tbptt.k1"], row["point"]["clip.max_norm"], row["seed"]) for row in sweep["rows"]}
+    assert sweep["state"] == "queued" and sweep["counts"] == {"queued": 12} and len(sweep["jobs"]) == 12
+    points = {(row["point"]["tbptt.k1"], row["point"]["clip.max_norm"], row["seed"]) for row in sweep["jobs"]}
     assert points == {(k, c, s) for k in (4, 8, 16) for c in (0.5, 1.0) for s in (0, 1)}
     assert await redis_client.hlen(Keys(settings.redis_prefix).queue_members) == 12
 
