@@ -1,6 +1,8 @@
 # The two commands of the README: `make up` and `make test`. Each sets up what it needs.
 PYTHON ?= python3.11
-VENV   := .venv
+# `make up VENV=/path/to/venv` runs this checkout with an existing environment, as it is
+# (nothing is installed into it): the fresh-clone test uses that to skip the install.
+VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
@@ -18,8 +20,9 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 install: $(STAMP)
 
-up: install
-	$(VENV)/bin/unroll up
+# `python -m service.cli` is `unroll`, always from this checkout's code. UP_ARGS: e.g. --port 8001
+up: $(if $(filter .venv,$(VENV)),install)
+	$(PY) -m service.cli up $(UP_ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
