@@ -23,7 +23,7 @@ import time
 # Sub-commands contributed by other packages: each is "module:function", the function takes
 # the sub-parsers object and adds its parser (with set_defaults(func=...)); it must not
 # import anything heavy (torch, ray) until its command runs.
-ROLES = ("workers.cli:add_parser", "service.up:add_parser")
+ROLES = ("workers.cli:add_parser", "service.sweep_cli:add_parser", "service.up:add_parser")
 
 
 def _db(subparsers) -> None:
