@@ -12,7 +12,9 @@ import os
 import sys
 import time
 
-CONTEXT_FIELDS = ("job_id", "attempt", "sweep_id", "project_id", "worker", "status", "method", "path", "duration_ms")
+CONTEXT_FIELDS = (
+    "job_id", "attempt", "sweep_id", "project_id", "worker", "state", "reason", "status", "method", "path", "duration_ms",
+)
 
 
 class JsonFormatter(logging.Formatter):
@@ -40,3 +42,11 @@ def configure_logging(level: str | None = None) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel((level or os.environ.get("UNROLL_LOG_LEVEL", "info")).upper())
     logger.propagate = False
+
+
+def ensure_logging() -> None:
+    """configure_logging() unless the process has configured the `unroll` loggers already
+    (the API calls this when its app is built; a test's or an embedding program's own
+    handlers are kept)."""
+    if not logging.getLogger("unroll").handlers:
+        configure_logging()

@@ -58,6 +58,7 @@ from service.db.session import make_engine
 from service.keys import Keys
 from service.queue import JobQueue
 from service.settings import Settings, get_settings
+from workers.metrics import DispatcherMetrics
 from workers.runner import AttemptSpec, run_attempt
 
 log = logging.getLogger("unroll.dispatcher")
@@ -117,6 +118,7 @@ class Dispatcher:
         self._capacity = asyncio.Event()
         self._remote: Any = None
         self._last_reconcile = 0.0
+        self.metrics = DispatcherMetrics()
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -150,6 +152,7 @@ class Dispatcher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._hand_back()
         await self.redis.delete(self.keys.dispatcher_heartbeat(self.name))
         await self.redis.aclose()
 
@@ -223,7 +226,10 @@ class Dispatcher:
         ref = self._remote.options(**options).remote(spec)
         self.running[job_id] = Running(job_id, attempt, ref, needs)
         await self.queue.ack(job_id, self.name)
-        log.info("job %s attempt %d started (%s)", job_id, attempt, needs.describe())
+        self.metrics.attempts_started.inc()
+        if job["first_attempt"]:
+            self.metrics.dispatch_latency.observe(max(0.0, (utcnow() - job["created_at"]).total_seconds()))
+        log.info("job %s attempt %d started (%s)", job_id, attempt, needs.describe(), extra=_ctx(job_id, attempt, self.name))
         asyncio.create_task(self._watch(self.running[job_id]))
 
     async def free(self) -> dict[str, float]:
@@ -251,27 +257,30 @@ class Dispatcher:
     async def _watch(self, run: Running) -> None:
         try:
             outcome = await run.ref
-            log.info("job %s attempt %d ended: %s", run.job_id, run.attempt, outcome)
+            log.info("job %s attempt %d ended: %s", run.job_id, run.attempt, outcome, extra=_ctx(run.job_id, run.attempt, self.name))
         except asyncio.CancelledError:
             raise
         except ray.exceptions.TaskCancelledError:
             await self.db(states.finish, run.job_id, run.attempt, JobState.CANCELLED, "cancelled: the attempt ignored the request and was stopped")
         except Exception as exc:  # the task crashed, its worker died, or its node is gone
             reason = _short(exc)
-            log.warning("job %s attempt %d lost: %s", run.job_id, run.attempt, reason)
+            log.warning("job %s attempt %d lost: %s", run.job_id, run.attempt, reason, extra=_ctx(run.job_id, run.attempt, self.name))
             await self._requeue(run.job_id, run.attempt, reason, require_expired=False)
         finally:
             self.running.pop(run.job_id, None)
             self._capacity.set()
 
-    async def _requeue(self, job_id: str, attempt: int, reason: str, *, require_expired: bool) -> None:
+    async def _requeue(self, job_id: str, attempt: int, reason: str, *, require_expired: bool) -> JobState | None:
         delay = backoff_seconds(self.settings, attempt)
         state = await self.db(
             states.requeue_lost, job_id, attempt, reason=reason, backoff_seconds=delay, require_expired=require_expired
         )
         if state is None:
-            return
-        log.info("job %s attempt %d: %s -> %s (retry after %.1fs)", job_id, attempt, reason, state.value, delay)
+            return None
+        if state == JobState.QUEUED:
+            self.metrics.retries.labels("lease_expired" if require_expired else "attempt_lost").inc()
+        log.info("job %s attempt %d: %s -> %s (retry after %.1fs)", job_id, attempt, reason, state.value, delay, extra=_ctx(job_id, attempt, self.name))
+        return state
         # Due jobs reach the queue through the reconciler once their backoff has passed.
 
     # -- maintenance ------------------------------------------------------------------------
@@ -281,9 +290,11 @@ class Dispatcher:
         # Leases of our own tasks are renewed here too, so a task Ray has not started yet
         # (waiting for a node) is not taken for lost; a started one renews its own.
         for run in list(self.running.values()):
-            await self.db(states.renew_lease, run.job_id, run.attempt, self.name, self.settings.lease_seconds)
+            if await self.db(states.renew_lease, run.job_id, run.attempt, self.name, self.settings.lease_seconds):
+                self.metrics.lease_renewals.inc()
         for lease in await self.db(states.expired_leases):
-            await self._requeue(lease.job_id, lease.attempt, "worker lost: lease expired", require_expired=True)
+            if await self._requeue(lease.job_id, lease.attempt, "worker lost: lease expired", require_expired=True):
+                self.metrics.lease_expiries.inc()
         for job_id, attempt in await self.db(repo.cancel_overdue, list(self.running), grace_seconds=self.settings.cancel_grace_seconds):
             run = self.running.get(job_id)
             if run is not None and run.attempt == attempt:
@@ -306,13 +317,31 @@ class Dispatcher:
             log.info("reconciler re-enqueued %d queued jobs", len(missing))
         return len(missing)
 
+    async def _hand_back(self) -> None:
+        """On a clean stop, the attempts we run go back to the queue at once instead of
+        when their leases expire: Ray ends their tasks with this process, and the next
+        dispatcher resumes them from their last checkpoint. (A hand-back counts as an
+        attempt, like any lost worker.)"""
+        for run in list(self.running.values()):
+            try:
+                state = await self.db(
+                    states.requeue_lost, run.job_id, run.attempt, reason="dispatcher stopped",
+                    backoff_seconds=0.0, require_expired=False,
+                )
+            except Exception as exc:  # noqa: BLE001 - its lease expires instead
+                log.warning("job %s attempt %d not handed back (its lease will expire): %s", run.job_id, run.attempt, exc, extra=_ctx(run.job_id, run.attempt, self.name))
+                continue
+            if state is not None:
+                log.info("job %s attempt %d handed back on stop: %s", run.job_id, run.attempt, state.value, extra=_ctx(run.job_id, run.attempt, self.name))
+
     async def _heartbeat(self) -> None:
         try:
             resources = await asyncio.to_thread(ray.cluster_resources)
             status = {"ray": "ok", "cluster": resources}
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             status = {"ray": f"unreachable: {_short(exc)}"}
-        status.update({"dispatcher": self.name, "running": len(self.running), "ts": time.time()})
+        self.metrics.heartbeats.inc()
+        status.update({"dispatcher": self.name, "running": len(self.running), "ts": time.time(), "metrics": self.metrics.snapshot()})
         await self.redis.set(self.keys.dispatcher_heartbeat(self.name), json.dumps(status), ex=HEARTBEAT_TTL_S)
 
 
@@ -331,11 +360,18 @@ def _brief(session: Session, job_id: str) -> dict[str, Any]:
         "config": job.config,
         "cancel_requested": job.cancel_requested_at is not None,
         "not_before": not due,
+        "first_attempt": job.attempt == 0,
+        "created_at": job.created_at,
     }
 
 
 def _node_totals() -> list[dict[str, float]]:
     return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def _ctx(job_id: str, attempt: int, worker: str) -> dict[str, Any]:
+    """The fields of a structured log line about one attempt (service.logs)."""
+    return {"job_id": job_id, "attempt": attempt, "worker": worker}
 
 
 def _short(exc: BaseException) -> str:
