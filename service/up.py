@@ -8,7 +8,8 @@ jobs, metrics, checkpoints and token:
     token            the `default` project's token (0600), created once and reused
     client.json      where `unroll submit/status/logs` find the URL and token
     redis/           the private redis-server's append-only file, when one is needed
-    ray/auth_token   the local Ray cluster's token (0600)
+    ray-auth-token   the local Ray cluster's token (0600)
+    ray/             Ray's logs and sockets (or /tmp/unroll-ray-<id> when this path is long)
     logs/            redis.log, ray.log, api.log, worker.log (JSON lines for the last two)
 
 What runs, each a child process in a process group of its own (so that a Ctrl-C in the
@@ -130,6 +131,17 @@ def write_secret(path: Path, value: str) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(value + "\n")
     os.replace(tmp, path)
+
+
+def folder_id(root: Path) -> str:
+    return hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+
+
+def ray_temp_dir(root: Path) -> Path:
+    """.unroll/ray, or /tmp/unroll-ray-<folder id> where that path is too long for Ray's
+    Unix sockets."""
+    temp = (root / STATE_DIR / "ray").resolve()
+    return temp if len(str(temp)) <= RAY_TEMP_MAX_CHARS else Path("/tmp") / f"unroll-ray-{folder_id(root)}"
 
 
 def absolute_sqlite(url: str, root: Path) -> str:
@@ -288,7 +300,7 @@ class Up:
         self.token = self._token(env["UNROLL_DATABASE_URL"])
         # Ray's token, ours alone (unless the user chose Ray's auth mode themselves).
         if "RAY_AUTH_MODE" not in os.environ:
-            token_path = self.state / "ray" / "auth_token"
+            token_path = self.state / "ray-auth-token"
             if not token_path.exists():
                 write_secret(token_path, secrets.token_hex(32))
             env["RAY_AUTH_MODE"] = "token"
@@ -297,7 +309,7 @@ class Up:
         if "UNROLL_REDIS_PREFIX" not in os.environ:
             # A Redis shared with other checkouts (or their tests) must not mix queues:
             # each folder gets its own key prefix.
-            env["UNROLL_REDIS_PREFIX"] = f"unroll-{hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:8]}"
+            env["UNROLL_REDIS_PREFIX"] = f"unroll-{folder_id(self.root)}"
         return env
 
     def _token(self, database_url: str) -> str:
@@ -369,9 +381,7 @@ class Up:
         say(f"redis: nothing answered at {url}; started a private {executable} on port {port} (data in .unroll/redis)")
 
     def _ray(self, env: dict[str, str]) -> tuple[str, int]:
-        temp = (self.state / "ray").resolve()
-        if len(str(temp)) > RAY_TEMP_MAX_CHARS:
-            temp = Path("/tmp") / f"unroll-ray-{hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:8]}"
+        temp = ray_temp_dir(self.root)
         port = free_port()
         ports = {name: free_port() for name in (
             "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
