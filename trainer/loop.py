@@ -285,8 +285,7 @@ def fit(
     callbacks = list(callbacks)
     wall_start = time.perf_counter()
     device = pick_device(config.train.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     data = load_data(config.data, config.train.seed, resolve)
     trainer = Trainer(config, data, device)
     if resume is not None:
@@ -336,9 +335,24 @@ def _checkpoint(trainer: Trainer, callbacks: list[Callback]) -> None:
         cb.on_checkpoint(trainer.counters.step, state)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start this run's peak afresh: a worker process runs many jobs in turn."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with contextlib.suppress(OSError):  # Linux: "5" restarts the VmHWM high-water mark
+            Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: the allocator's peak. CPU: the process's peak resident memory since
+    `reset_peak_memory` (VmHWM; ru_maxrss would carry a parent's or an earlier job's peak)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
