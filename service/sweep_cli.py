@@ -1,8 +1,8 @@
 """`unroll sweep CONFIG --grid PATH=V1,V2,... [--grid ...] [--seeds N] [--max-parallel N] [--wait]`
 
 Submits a sweep (POST /v1/sweeps): CONFIG is the base job configuration (SPEC §2) and each
---grid one axis. Values are read as YAML scalars (`8` is a number, `lstm` a string, `true`
-a bool, `null` None). `tbptt.k2` follows `tbptt.k1` unless the grid gives it too: a k2 in
+--grid one axis. Values are numbers when they read as one (`8`, `0.25`, `1e-3`), else YAML
+scalars (`lstm` a string, `true` a bool, `null` None). `tbptt.k2` follows `tbptt.k1` unless the grid gives it too: a k2 in
 the base config is dropped when only k1 is swept, since a sweep over truncation lengths
 almost always means k1 = k2 = k.
 
@@ -15,6 +15,7 @@ when every job succeeded.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from typing import Any
@@ -61,14 +62,25 @@ def parse_grid(specs: list[str]) -> dict[str, list[Any]]:
             raise GridError(f"--grid {spec!r}: expected PATH=V1,V2,... (e.g. tbptt.k1=8,16,32)")
         if path in grid:
             raise GridError(f"--grid {path} given twice")
-        parsed = []
-        for text in values.split(","):
-            try:
-                parsed.append(yaml.safe_load(text.strip()) if text.strip() else None)
-            except yaml.YAMLError as exc:
-                raise GridError(f"--grid {path}: cannot read value {text!r}: {exc}") from None
-        grid[path] = parsed
+        grid[path] = [_value(path, text.strip(), yaml) for text in values.split(",")]
     return grid
+
+
+def _value(path: str, text: str, yaml) -> Any:
+    """A number if it reads as one (1e-3 too, which YAML 1.1 takes for a string), else YAML."""
+    if not text:
+        return None
+    for kind in (int, float):
+        try:
+            number = kind(text)
+        except ValueError:
+            continue
+        if math.isfinite(number):
+            return number
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise GridError(f"--grid {path}: cannot read value {text!r}: {exc}") from None
 
 
 def k2_follows_k1(base: dict[str, Any], grid: dict[str, list[Any]]) -> bool:
