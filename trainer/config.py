@@ -198,6 +198,9 @@ class JobConfig(Section):
             raise _FieldError("model.tie_weights", "needs token inputs (recall or text)")
         if self.tbptt.reset_on == "document" and self.data.kind in ("recall", "timeseries"):
             raise _FieldError("tbptt.reset_on", f"data.kind {self.data.kind} has no documents")
+        if self.data.batch_size % self.resources.workers:
+            # Data-parallel ranks take equal contiguous blocks of the streams.
+            raise _FieldError("resources.workers", f"must divide data.batch_size ({self.data.batch_size})")
         return self
 
 

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
@@ -25,6 +25,9 @@ from trainer.data import Data, load_data
 from trainer.models import RNNModel, count_parameters
 from trainer.optim import Schedule, build_optimizer
 from trainer.tbptt import Runner, detach, evaluate, map_state, plan_update
+
+if TYPE_CHECKING:
+    from trainer.distributed import Sync
 
 
 class Callback:
@@ -104,10 +107,13 @@ class Counters:
 
 
 class Trainer:
-    """Everything one run holds; `update()` performs one TBPTT update."""
+    """Everything one run holds; `update()` performs one TBPTT update.
 
-    def __init__(self, config: JobConfig, data: Data, device: torch.device):
-        self.config, self.data, self.device = config, data, device
+    With `sync` (trainer/distributed.py) this is one rank of a data-parallel group: it
+    trains its block of the streams and sums gradients with the others before clipping."""
+
+    def __init__(self, config: JobConfig, data: Data, device: torch.device, sync: "Sync | None" = None):
+        self.config, self.data, self.device, self.sync = config, data, device, sync
         torch.manual_seed(config.train.seed)
         self.model = RNNModel(config.model, data.task).to(device)
         self.params = list(self.model.parameters())
@@ -119,6 +125,8 @@ class Trainer:
         tb = config.tbptt
         self.runner = Runner(self.model, tb.reset_on == "document", tb.checkpoint_every, self._autocast)
         self.streams = data.train
+        if sync is not None:
+            sync.attach(self)  # this rank's streams, rank 0's parameters
         self.cursor = Cursor(kept=self.model.initial_state(self.streams.batch_size, device))
         self.counters = Counters()
         self._full_bounds = self._full_mode_bounds() if tb.mode == "full" else None
@@ -177,6 +185,8 @@ class Trainer:
         plan = plan_update(cursor.position, cursor.kept_position, k1, k2, self.streams.length)
         host = self.streams.window(plan.kept, plan.end)
         count = int(host.scored[plan.loss - plan.kept :].sum())
+        if self.sync is not None:
+            count = self.sync.count(count)  # the loss is a mean over every rank's pairs
         window = host.to(self.device)
 
         state = cursor.kept
@@ -197,7 +207,7 @@ class Trainer:
             metrics.update({"train/loss": None, "train/grad_norm": None, "train/grad_norm_clipped": None, "train/clipped": 0.0, "train/skipped": 0.0})
 
         self._advance_cursor(plan, kept)
-        new_tokens = new_steps * self.streams.batch_size
+        new_tokens = new_steps * self.data.train.batch_size  # every rank's streams
         counters.tokens += new_tokens
         counters.step += 1
         elapsed = time.perf_counter() - started
@@ -208,6 +218,8 @@ class Trainer:
     def _step_optimizer(self, loss: torch.Tensor) -> dict[str, float | None]:
         counters, cfg = self.counters, self.config
         self.scaler.scale(loss).backward()
+        if self.sync is not None:  # before clipping: the clip sees the global norm
+            loss = self.sync.reduce_gradients(self.params, loss)
         self.scaler.unscale_(self.optimizer)
         clip = self.clipper.clip(self.params)
         loss_value, norm, clipped_norm, clipped = torch.stack(
@@ -247,7 +259,10 @@ class Trainer:
     # -- evaluation and checkpoints ---------------------------------------------------
 
     def evaluate(self) -> dict[str, float | None]:
-        result = evaluate(self.runner, self.data.valid, self.device)
+        if self.sync is not None:
+            result = self.sync.evaluate(self.runner, self.data.valid, self.device)
+        else:
+            result = evaluate(self.runner, self.data.valid, self.device)
         loss, task = result["loss"], self.data.task
         metrics = {"valid/loss": loss}
         if task.metric == "accuracy":
@@ -279,15 +294,19 @@ def fit(
     callbacks: Iterable[Callback] = (),
     resume: dict[str, Any] | None = None,
     resolve: Callable[[str], Path] | None = None,
+    sync: "Sync | None" = None,
 ) -> Summary:
-    """Train a job config to its budget; report through callbacks; return the summary."""
+    """Train a job config to its budget; report through callbacks; return the summary.
+
+    On a data-parallel rank (`sync`), pass `resume` as `sync.local_checkpoint(...)` and
+    the callbacks inside one `trainer.distributed.GroupCallbacks`."""
     config = parse_config(config)
     callbacks = list(callbacks)
     wall_start = time.perf_counter()
     device = pick_device(config.train.device)
     reset_peak_memory(device)
     data = load_data(config.data, config.train.seed, resolve)
-    trainer = Trainer(config, data, device)
+    trainer = Trainer(config, data, device, sync)
     if resume is not None:
         ckpt.check_compatible(config, resume)
         trainer.load_state_dict(resume)
