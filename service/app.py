@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import errors
+from service import dashboard, errors
 from service.api import admin, datasets, health, jobs, sweeps
 from service.metrics import LatencyMiddleware, Metrics
 from service.runtime import open_runtime
@@ -121,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     for module in (jobs, sweeps, datasets, admin, health):
         app.include_router(module.router)
+    app.include_router(dashboard.router)  # after the API: GET / and the dashboard's deep links
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(LatencyMiddleware, metrics=metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -1,0 +1,353 @@
+// Line charts on uPlot. A Chart keeps its series as the API returns them ([step, value]
+// pairs, value null when not finite) and exposes exactly that data to the page
+// (window.unrollCharts(), and data-* attributes on the figure) so tests can compare the
+// chart with GET /v1/jobs/{id}/metrics.
+
+import uPlot from "uplot";
+import { h } from "./dom";
+import type { Point } from "./types";
+
+export interface LineSpec {
+  name: string; // the key of the data (a metric name, a job id)
+  label: string;
+  color: string;
+  dash?: number[];
+  width?: number;
+  /** Markers only, no line (clipped steps). */
+  pointsOnly?: boolean;
+  /** Draw a dot on every point (sparse series such as evaluations). */
+  dots?: boolean;
+}
+
+export interface ChartOptions {
+  id: string;
+  title: string;
+  series: LineSpec[];
+  xLabel?: string;
+  yLabel?: string;
+  xLog?: boolean;
+  /** Category labels: x values are indices into this list. */
+  xCategories?: string[];
+  height?: number;
+  /** A horizontal reference line (the clip threshold). */
+  threshold?: { value: number; label: string } | null;
+  /** Leave room around the first and last x (points with error bars at the edges). */
+  padX?: boolean;
+  /** Charts with the same key share the cursor (the charts of one job). */
+  syncKey?: string;
+  empty?: string;
+}
+
+export interface ChartSnapshot {
+  title: string;
+  series: Record<string, Point[]>;
+  errors: Record<string, Array<[number, number]>>;
+  threshold: number | null;
+  xLog: boolean;
+}
+
+const mounted = new Map<string, Chart>();
+
+declare global {
+  interface Window {
+    unrollCharts: () => Record<string, ChartSnapshot>;
+  }
+}
+
+window.unrollCharts = () => {
+  const out: Record<string, ChartSnapshot> = {};
+  for (const [id, chart] of mounted) out[id] = chart.snapshot();
+  return out;
+};
+
+const NONFINITE = "#c62828";
+
+export class Chart {
+  readonly element: HTMLElement;
+  private plot: uPlot | null = null;
+  private readonly canvas: HTMLElement;
+  private readonly note: HTMLElement;
+  private data: Record<string, Point[]> = {};
+  private errors: Record<string, Map<number, number>> = {};
+  private observer: ResizeObserver;
+  private frame = 0;
+
+  constructor(private options: ChartOptions) {
+    this.canvas = h("div", { class: "chart-canvas" });
+    this.note = h("p", { class: "chart-note" });
+    this.element = h("figure", { class: "chart", "data-chart": options.id, "data-points": 0 },
+      h("figcaption", {}, options.title), this.canvas, this.note);
+    this.observer = new ResizeObserver(() => this.resize());
+    this.observer.observe(this.canvas);
+    mounted.set(options.id, this);
+    this.render();
+  }
+
+  /** Replace the series list (the sweep's member curves), keeping data of those still present. */
+  setSpecs(series: LineSpec[]): void {
+    this.options = { ...this.options, series };
+    this.plot?.destroy();
+    this.plot = null;
+    this.render();
+  }
+
+  setThreshold(threshold: ChartOptions["threshold"]): void {
+    this.options = { ...this.options, threshold };
+    this.schedule();
+  }
+
+  setAxis(xLabel: string, categories: string[] | undefined, xLog: boolean): void {
+    this.options = { ...this.options, xLabel, xCategories: categories, xLog };
+    this.plot?.destroy();
+    this.plot = null;
+    this.render();
+  }
+
+  /** Set the points of some series (others keep theirs). */
+  set(series: Record<string, Point[]>, errors?: Record<string, Array<[number, number]>>): void {
+    for (const [name, points] of Object.entries(series)) this.data[name] = points;
+    for (const [name, pairs] of Object.entries(errors ?? {})) this.errors[name] = new Map(pairs);
+    this.schedule();
+  }
+
+  get(name: string): Point[] {
+    return this.data[name] ?? [];
+  }
+
+  snapshot(): ChartSnapshot {
+    const names = this.options.series.map((s) => s.name);
+    return {
+      title: this.options.title,
+      series: Object.fromEntries(names.map((n) => [n, this.get(n)])),
+      errors: Object.fromEntries(Object.entries(this.errors).map(([n, m]) => [n, [...m.entries()]])),
+      threshold: this.options.threshold?.value ?? null,
+      xLog: Boolean(this.options.xLog),
+    };
+  }
+
+  destroy(): void {
+    cancelAnimationFrame(this.frame);
+    this.observer.disconnect();
+    this.plot?.destroy();
+    if (mounted.get(this.options.id) === this) mounted.delete(this.options.id);
+  }
+
+  // -- drawing -----------------------------------------------------------------------
+
+  private schedule(): void {
+    cancelAnimationFrame(this.frame);
+    this.frame = requestAnimationFrame(() => this.render());
+    // The exposed data must not wait for a frame (a hidden tab gets none).
+    this.element.dataset.points = String(this.count());
+  }
+
+  private count(): number {
+    return this.options.series.reduce((n, s) => n + this.get(s.name).length, 0);
+  }
+
+  /** [xs, ys...]: the union of all steps; a series without a point at a step holds
+   *  undefined there (spanned), while a non-finite point is null (a gap). */
+  private aligned(): uPlot.AlignedData {
+    const xs = new Set<number>();
+    for (const s of this.options.series) for (const [x] of this.get(s.name)) xs.add(x);
+    const sorted = [...xs].sort((a, b) => a - b);
+    const index = new Map(sorted.map((x, i) => [x, i]));
+    const columns = this.options.series.map((s) => {
+      const column: Array<number | null | undefined> = new Array(sorted.length).fill(undefined);
+      for (const [x, y] of this.get(s.name)) column[index.get(x)!] = y;
+      return column;
+    });
+    return [sorted, ...columns] as unknown as uPlot.AlignedData;
+  }
+
+  private yExtent(): [number, number] | null {
+    let lo = Infinity;
+    let hi = -Infinity;
+    for (const s of this.options.series) {
+      const errs = this.errors[s.name];
+      for (const [x, y] of this.get(s.name)) {
+        if (y === null) continue;
+        const e = errs?.get(x) ?? 0;
+        lo = Math.min(lo, y - e);
+        hi = Math.max(hi, y + e);
+      }
+    }
+    const t = this.options.threshold?.value;
+    if (t !== undefined && t !== null) {
+      lo = Math.min(lo, t);
+      hi = Math.max(hi, t);
+    }
+    if (!Number.isFinite(lo)) return null;
+    const pad = (hi - lo) * 0.06 || Math.abs(hi) * 0.1 || 1;
+    return [lo - pad, hi + pad];
+  }
+
+  private resize(): void {
+    if (this.plot) this.plot.setSize({ width: this.width(), height: this.options.height ?? 220 });
+  }
+
+  private width(): number {
+    return Math.max(240, this.canvas.clientWidth || 600);
+  }
+
+  private render(): void {
+    this.element.dataset.points = String(this.count());
+    const total = this.count();
+    const nonfinite = this.options.series.reduce((n, s) => n + this.get(s.name).filter(([, y]) => y === null).length, 0);
+    const notes: string[] = [];
+    if (!total) notes.push(this.options.empty ?? "No points yet.");
+    if (nonfinite) notes.push(`${nonfinite} non-finite value${nonfinite > 1 ? "s" : ""} (marked × at the top).`);
+    this.note.textContent = notes.join(" ");
+    const data = this.aligned();
+    if (!this.plot) this.plot = new uPlot(this.uplotOptions(), data, this.canvas);
+    else this.plot.setData(data);
+  }
+
+  private uplotOptions(): uPlot.Options {
+    const o = this.options;
+    const categories = o.xCategories;
+    const series: uPlot.Series[] = [{ label: o.xLabel ?? "step", value: (_u, v) => (v == null ? "–" : categories ? categories[v] ?? String(v) : String(v)) }];
+    for (const s of o.series) {
+      series.push({
+        label: s.label,
+        stroke: s.color,
+        width: s.pointsOnly ? 0 : s.width ?? 1.5,
+        dash: s.dash,
+        spanGaps: false,
+        paths: s.pointsOnly ? () => null : undefined,
+        points: s.pointsOnly
+          ? { show: true, size: 7, fill: s.color, stroke: s.color, width: 1 }
+          : s.dots
+            ? { show: true, size: 5, fill: s.color, stroke: s.color }
+            : { show: false },
+        value: (_u, v) => (v == null ? "–" : formatTick(v)),
+      });
+    }
+    const x: uPlot.Scale = categories
+      ? { time: false, range: () => [-0.5, categories.length - 0.5] }
+      : o.xLog
+        ? { time: false, distr: 3, log: 2, ...(o.padX ? { range: (_u: uPlot, min: number, max: number) => [min / 1.5, max * 1.5] } : {}) }
+        : { time: false, ...(o.padX ? { range: (_u: uPlot, min: number, max: number) => padded(min, max) } : {}) };
+    return {
+      width: this.width(),
+      height: o.height ?? 220,
+      series,
+      cursor: o.syncKey ? { sync: { key: o.syncKey } } : {},
+      legend: { live: true },
+      scales: {
+        x,
+        y: { range: (_u, min, max) => this.yExtent() ?? [min, max] },
+      },
+      axes: [
+        {
+          label: o.xLabel ?? "step",
+          stroke: "#444",
+          grid: { stroke: "#e4e4e4" },
+          ...(categories
+            ? { splits: () => categories.map((_, i) => i), values: (_u: uPlot, ticks: number[]) => ticks.map((t) => categories[t] ?? "") }
+            : { values: (_u: uPlot, ticks: number[]) => ticks.map(formatTick) }),
+        },
+        { label: o.yLabel, stroke: "#444", grid: { stroke: "#e4e4e4" }, size: 60, values: (_u, ticks) => ticks.map(formatTick) },
+      ],
+      hooks: { draw: [(u) => this.decorate(u)] },
+    };
+  }
+
+  /** What uPlot does not draw itself: the threshold line, error bars, non-finite marks. */
+  private decorate(u: uPlot): void {
+    const ctx = u.ctx;
+    const { left, top, width, height } = u.bbox;
+    const dpr = devicePixelRatio || 1;
+    ctx.save();
+    ctx.beginPath();
+    ctx.rect(left, top, width, height);
+    ctx.clip();
+    const t = this.options.threshold;
+    if (t) {
+      const y = u.valToPos(t.value, "y", true);
+      ctx.strokeStyle = "#d84315";
+      ctx.lineWidth = 1.5 * dpr;
+      ctx.setLineDash([6 * dpr, 4 * dpr]);
+      ctx.beginPath();
+      ctx.moveTo(left, y);
+      ctx.lineTo(left + width, y);
+      ctx.stroke();
+      ctx.setLineDash([]);
+      ctx.fillStyle = "#d84315";
+      ctx.font = `${12 * dpr}px system-ui, sans-serif`;
+      ctx.textAlign = "right";
+      ctx.fillText(t.label, left + width - 4 * dpr, y - 4 * dpr);
+    }
+    this.options.series.forEach((s, i) => {
+      const errs = this.errors[s.name];
+      const show = u.series[i + 1]?.show !== false;
+      if (!show) return;
+      ctx.strokeStyle = s.color;
+      ctx.lineWidth = 1.5 * dpr;
+      for (const [x, y] of this.get(s.name)) {
+        const px = u.valToPos(x, "x", true);
+        if (y === null) {
+          ctx.fillStyle = NONFINITE;
+          ctx.font = `bold ${13 * dpr}px system-ui, sans-serif`;
+          ctx.textAlign = "center";
+          ctx.fillText("×", px, top + 12 * dpr);
+          continue;
+        }
+        const e = errs?.get(x);
+        if (!e) continue;
+        const y0 = u.valToPos(y - e, "y", true);
+        const y1 = u.valToPos(y + e, "y", true);
+        const cap = 5 * dpr;
+        ctx.beginPath();
+        ctx.moveTo(px, y0);
+        ctx.lineTo(px, y1);
+        ctx.moveTo(px - cap, y0);
+        ctx.lineTo(px + cap, y0);
+        ctx.moveTo(px - cap, y1);
+        ctx.lineTo(px + cap, y1);
+        ctx.stroke();
+      }
+    });
+    ctx.restore();
+  }
+}
+
+function padded(min: number, max: number): [number, number] {
+  const pad = (max - min) * 0.08 || Math.abs(max) * 0.1 || 1;
+  return [min - pad, max + pad];
+}
+
+export function formatTick(v: number): string {
+  if (v === 0) return "0";
+  const a = Math.abs(v);
+  if (a >= 1e6 || a < 1e-3) return v.toExponential(1);
+  if (Number.isInteger(v)) return v.toLocaleString("en-US");
+  return String(Number(v.toPrecision(4)));
+}
+
+// Colours for values of a swept parameter (viridis-like, dark to bright; readable on white).
+const STOPS = ["#440154", "#3b528b", "#21918c", "#5ec962", "#c8b800"];
+
+export function scaleColor(t: number): string {
+  const clamped = Math.max(0, Math.min(1, Number.isFinite(t) ? t : 0));
+  const pos = clamped * (STOPS.length - 1);
+  const i = Math.min(Math.floor(pos), STOPS.length - 2);
+  const f = pos - i;
+  const a = hex(STOPS[i]);
+  const b = hex(STOPS[i + 1]);
+  const mix = a.map((c, k) => Math.round(c + (b[k] - c) * f));
+  return `rgb(${mix[0]}, ${mix[1]}, ${mix[2]})`;
+}
+
+function hex(color: string): number[] {
+  return [1, 3, 5].map((i) => parseInt(color.slice(i, i + 2), 16));
+}
+
+export const PALETTE = {
+  train: "#1565c0",
+  valid: "#ef6c00",
+  before: "#6a1b9a",
+  after: "#00897b",
+  clipped: "#c62828",
+  throughput: "#2e7d32",
+};

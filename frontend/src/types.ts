@@ -1,0 +1,104 @@
+// The API's shapes that the dashboard reads (service/schemas.py is the source of truth).
+
+export type State = "queued" | "running" | "succeeded" | "failed" | "cancelled";
+
+export type Point = [number, number | null];
+export type Series = Record<string, Point[]>;
+
+export interface Attempt {
+  number: number;
+  worker: string | null;
+  started_at: string;
+  ended_at: string | null;
+  outcome: "succeeded" | "failed" | "cancelled" | "lost" | null;
+  error: string | null;
+}
+
+export interface Job {
+  id: string;
+  name: string | null;
+  tags: string[];
+  sweep_id: string | null;
+  state: State;
+  priority: number;
+  attempt: number;
+  max_attempts: number;
+  step: number;
+  max_steps: number | null;
+  progress: number;
+  error: string | null;
+  pending_reason: string | null;
+  worker: string | null;
+  cancel_requested: boolean;
+  created_at: string;
+  started_at: string | null;
+  finished_at: string | null;
+  updated_at: string;
+  config: Record<string, any>;
+  summary: Record<string, any> | null;
+  metrics?: Record<string, { step: number; value: number | null }> | null;
+  attempts?: Attempt[] | null;
+}
+
+export interface JobList {
+  jobs: Job[];
+  next_cursor: string | null;
+}
+
+export interface LogLine {
+  id: number;
+  attempt: number;
+  ts: string;
+  level: string;
+  line: string;
+}
+
+export interface Checkpoint {
+  step: number;
+  attempt: number;
+  bytes: number;
+  sha256: string;
+  created_at: string;
+  url: string;
+}
+
+export interface Stat {
+  mean: number | null;
+  std: number | null;
+  n: number;
+}
+
+export interface SweepRow {
+  point: Record<string, unknown>;
+  jobs_done: number;
+  jobs_total: number;
+  final: Stat | null;
+  best: Stat | null;
+  steps: number | null;
+  wall_s: number | null;
+  tokens_per_s: number | null;
+  peak_memory_bytes: number | null;
+  clipped_fraction: number | null;
+  skipped_steps: number | null;
+  job_ids: string[];
+}
+
+export interface SweepSummary {
+  metric: string;
+  goal: "max" | "min";
+  axes: string[];
+  rows: SweepRow[];
+  best_point: Record<string, unknown> | null;
+}
+
+export interface Sweep {
+  id: string;
+  name: string | null;
+  state: State;
+  created_at: string;
+  grid: Record<string, unknown[]>;
+  seeds: number;
+  max_parallel: number | null;
+  jobs: Array<Partial<Job> & { id?: string; job_id?: string }> | string[];
+  summary?: SweepSummary | null;
+}
