@@ -27,7 +27,8 @@ from service.db.models import JobState
 from service.db.session import make_engine
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError
-from trainer.loop import NonFiniteError, fit
+from trainer.loop import NonFiniteError
+from workers import tracking
 from workers.reporter import Attempt, AttemptStale, JobReporter
 
 log = logging.getLogger("unroll.worker")
@@ -94,7 +95,8 @@ def run_attempt(spec: AttemptSpec) -> str:
     reporter = JobReporter(attempt)
     attempt.publish({"type": "state", "state": "running", "attempt": spec.attempt, "worker": spec.worker})
     try:
-        summary = fit(config, [reporter], resume=resume, resolve=resolve)
+        # fit, plus MLflow / TensorBoard when this node's environment asks for them
+        summary = tracking.fit(spec.job_id, spec.attempt, config, [reporter], resume=resume, resolve=resolve)
     except JOB_ERRORS as exc:
         return _finish(reporter, JobState.FAILED, error=str(exc))
     except Exception:
