@@ -390,6 +390,10 @@ class Up:
         command = [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
             "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
+            # Ports the OS picks for workers and drivers: Ray's default range (10002-19999) is
+            # shared by every Ray instance on the machine, and a port another one holds
+            # crashes the worker or driver that is handed it.
+            "--min-worker-port=0", "--max-worker-port=0",
             f"--temp-dir={temp}", f"--object-store-memory={RAY_OBJECT_STORE_BYTES}",
             *(f"--{name}={value}" for name, value in ports.items()),
         ]
