@@ -23,6 +23,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+try:
+    import mlflow  # noqa: F401
+except ImportError:
+    mlflow = None
+
 from service.up import MARKER, find_redis_server, ray_temp_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,6 +116,9 @@ class MakeUp:
         self.output = folder.parent / f"make-up-{run}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("UNROLL_", "RAY_", "MAKE", "MFLAGS"))}
         env["UNROLL_REDIS_URL"] = redis_url
+        if mlflow is not None:  # jobs run in Ray's workers: the environment must reach them
+            env["MLFLOW_TRACKING_URI"] = (folder.parent / "mlruns").as_uri()
+            env["MLFLOW_ALLOW_FILE_STORE"] = "true"
         self.started = time.monotonic()
         self.process = subprocess.Popen(
             ["make", "up", f"VENV={VENV}", f"UP_ARGS=--port {port}"], cwd=folder, env=env,
@@ -295,3 +303,18 @@ def test_second_start_keeps_every_job_and_finishes_the_interrupted_one(folder: P
         raise
     # Ctrl-C in a terminal: SIGINT to the whole foreground process group.
     up.stop(signal.SIGINT, group=True)
+
+    if mlflow is not None:  # the same jobs, tracked in MLflow from inside Ray's workers
+        from mlflow.tracking import MlflowClient
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+            client = MlflowClient(tracking_uri=(folder.parent / "mlruns").as_uri())
+            experiment = client.get_experiment_by_name("unroll")
+            runs = {r.data.tags["unroll.job_id"]: r for r in client.search_runs([experiment.experiment_id])}
+        assert set(runs) == {STATE["tiny"], STATE["long"]}
+        interrupted = runs[STATE["long"]]
+        assert interrupted.info.status == "FINISHED" and interrupted.data.tags["unroll.attempt"] == "2"
+        assert interrupted.data.params["train.max_steps"] == "160"
+        steps = {m.step for m in client.get_metric_history(interrupted.info.run_id, "train/loss")}
+        assert min(steps) == 1 and max(steps) == 160 and len(steps) > 140
