@@ -33,6 +33,8 @@ export interface ChartOptions {
   threshold?: { value: number; label: string } | null;
   /** Leave room around the first and last x (points with error bars at the edges). */
   padX?: boolean;
+  /** Ticks exactly at these x values (the swept values) instead of uPlot's choice. */
+  xTicks?: number[];
   /** Charts with the same key share the cursor (the charts of one job). */
   syncKey?: string;
   empty?: string;
@@ -96,8 +98,8 @@ export class Chart {
     this.schedule();
   }
 
-  setAxis(xLabel: string, categories: string[] | undefined, xLog: boolean): void {
-    this.options = { ...this.options, xLabel, xCategories: categories, xLog };
+  setAxis(xLabel: string, categories: string[] | undefined, xLog: boolean, xTicks?: number[]): void {
+    this.options = { ...this.options, xLabel, xCategories: categories, xLog, xTicks };
     this.plot?.destroy();
     this.plot = null;
     this.render();
@@ -226,7 +228,7 @@ export class Chart {
     const x: uPlot.Scale = categories
       ? { time: false, range: () => [-0.5, categories.length - 0.5] }
       : o.xLog
-        ? { time: false, distr: 3, log: 2, ...(o.padX ? { range: (_u: uPlot, min: number, max: number) => [min / 1.5, max * 1.5] } : {}) }
+        ? { time: false, distr: 3, log: 2, ...(o.padX ? { range: (_u: uPlot, min: number, max: number) => paddedLog(min, max) } : {}) }
         : { time: false, ...(o.padX ? { range: (_u: uPlot, min: number, max: number) => padded(min, max) } : {}) };
     return {
       width: this.width(),
@@ -245,7 +247,9 @@ export class Chart {
           grid: { stroke: "#e4e4e4" },
           ...(categories
             ? { splits: () => categories.map((_, i) => i), values: (_u: uPlot, ticks: number[]) => ticks.map((t) => categories[t] ?? "") }
-            : { values: (_u: uPlot, ticks: number[]) => ticks.map(formatTick) }),
+            : o.xTicks
+              ? { splits: () => o.xTicks!, values: (_u: uPlot, ticks: number[]) => ticks.map(formatTick) }
+              : { values: (_u: uPlot, ticks: number[]) => ticks.map(formatTick) }),
         },
         { label: o.yLabel, stroke: "#444", grid: { stroke: "#e4e4e4" }, size: 60, values: (_u, ticks) => ticks.map(formatTick) },
       ],
@@ -287,10 +291,11 @@ export class Chart {
       for (const [x, y] of this.get(s.name)) {
         const px = u.valToPos(x, "x", true);
         if (y === null) {
+          const at = Math.min(Math.max(px, left + 6 * dpr), left + width - 6 * dpr); // inside the plot
           ctx.fillStyle = NONFINITE;
           ctx.font = `bold ${13 * dpr}px system-ui, sans-serif`;
           ctx.textAlign = "center";
-          ctx.fillText("×", px, top + 12 * dpr);
+          ctx.fillText("×", at, top + 12 * dpr);
           continue;
         }
         const e = errs?.get(x);
@@ -312,9 +317,16 @@ export class Chart {
   }
 }
 
-function padded(min: number, max: number): [number, number] {
+// uPlot asks for a range with min and max null while there is no data: give a default.
+function padded(min: number | null, max: number | null): [number, number] {
+  if (min === null || max === null || !Number.isFinite(min) || !Number.isFinite(max)) return [0, 1];
   const pad = (max - min) * 0.08 || Math.abs(max) * 0.1 || 1;
   return [min - pad, max + pad];
+}
+
+function paddedLog(min: number | null, max: number | null): [number, number] {
+  if (min === null || max === null || !(min > 0) || !(max > 0)) return [1, 10];
+  return [min / 1.5, max * 1.5];
 }
 
 export function formatTick(v: number): string {

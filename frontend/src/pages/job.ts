@@ -183,14 +183,16 @@ export const jobPage: Page = (root, { params, url, signal, onDispose }) => {
   /** Read the lines after the last one shown; one read at a time (two at once would both
    *  start from the same `after` and show the new lines twice). */
   function loadLogs(): Promise<void> {
-    const run = async () => {
-      if (logRead) await logRead.catch(() => undefined);
+    const previous = logRead;
+    const next = (async () => {
+      if (previous) await previous;
       await readLogs();
-    };
-    const next = run();
-    logRead = next.finally(() => {
-      if (logRead === next) logRead = null;
+    })();
+    // The queue's own promise never rejects (the caller gets the error from `next`).
+    const queued: Promise<void> = next.then(() => undefined, () => undefined).then(() => {
+      if (logRead === queued) logRead = null;
     });
+    logRead = queued;
     return next;
   }
 

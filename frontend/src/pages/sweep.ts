@@ -213,7 +213,7 @@ export const sweepPage: Page = (root, { params, signal, onDispose }) => {
     const shape = JSON.stringify([axis, specs.map((s) => [s.name, s.color]), categories, log]);
     if (finalChart.element.dataset.shape !== shape) {
       finalChart.element.dataset.shape = shape;
-      finalChart.setAxis(axis, categories, log);
+      finalChart.setAxis(axis, categories, log, numeric ? (values as number[]).slice().sort((p, q) => p - q) : undefined);
       finalChart.setSpecs(specs);
     }
     finalChart.element.querySelector("figcaption")!.textContent =
