@@ -70,20 +70,40 @@ HEARTBEAT_TTL_S = 15
 
 @dataclass(frozen=True)
 class Needs:
-    cpus: float
+    cpus: float  # per worker
     gpus: float
+    workers: int = 1  # data-parallel ranks (workers/ddp.py), each with cpus and gpus
 
     @classmethod
     def of(cls, config: dict[str, Any]) -> "Needs":
         resources = config.get("resources") or {}
-        return cls(float(resources.get("cpus", 1)), float(resources.get("gpus", 0)))
+        return cls(float(resources.get("cpus", 1)), float(resources.get("gpus", 0)), int(resources.get("workers", 1)))
 
     def fits(self, resources: dict[str, float]) -> bool:
-        return resources.get("CPU", 0.0) >= self.cpus - 1e-9 and resources.get("GPU", 0.0) >= self.gpus - 1e-9
+        """The whole group fits in these (summed) resources."""
+        n = self.workers
+        return resources.get("CPU", 0.0) >= n * self.cpus - 1e-9 and resources.get("GPU", 0.0) >= n * self.gpus - 1e-9
+
+    def fits_nodes(self, nodes: list[dict[str, float]]) -> bool:
+        """Some placement of every worker, whole, on these nodes exists."""
+        def slots(node: dict[str, float]) -> int:
+            counts = [int(node.get(key, 0.0) / need + 1e-9) for key, need in (("CPU", self.cpus), ("GPU", self.gpus)) if need > 0]
+            return min(counts) if counts else self.workers
+        return sum(slots(node) for node in nodes) >= self.workers
+
+    def reserve(self) -> bool:
+        """A group's resources are free at once now (a placement group, released at once:
+        Ray Train reserves its own, all or nothing). Single workers: nothing to do."""
+        if self.workers == 1:
+            return True
+        from workers.ddp import group_is_placeable
+
+        return group_is_placeable(self.cpus, self.gpus, self.workers)
 
     def describe(self) -> str:
         gpus = f" and {self.gpus:g} GPU" if self.gpus else ""
-        return f"{self.cpus:g} CPU{gpus}"
+        group = f"{self.workers} workers of " if self.workers > 1 else ""
+        return f"{group}{self.cpus:g} CPU{gpus}"
 
 
 @dataclass
@@ -202,12 +222,12 @@ class Dispatcher:
             return
         needs = Needs.of(job["config"])
         totals = await asyncio.to_thread(_node_totals)
-        if not any(needs.fits(node) for node in totals):
+        if not needs.fits_nodes(totals):
             biggest = max(totals, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
             await self._set_reason(job_id, f"no node can hold {needs.describe()} (largest node: {biggest.get('CPU', 0):g} CPU, {biggest.get('GPU', 0):g} GPU)")
             await self.queue.ack(job_id, self.name)
             return
-        if not needs.fits(await self.free()):
+        if not needs.fits(await self.free()) or not await asyncio.to_thread(needs.reserve):
             await self._set_reason(job_id, f"waiting for {needs.describe()} to be free")
             await self.queue.release(job_id, self.name, job["priority"])
             await self._wait_for_capacity()
@@ -222,7 +242,9 @@ class Dispatcher:
             redis_url=self.settings.redis_url, artifacts=self.settings.artifacts,
             lease_seconds=float(self.settings.lease_seconds), prefix=self.prefix,
         )
-        options = {"num_cpus": needs.cpus, "num_gpus": needs.gpus, "name": f"{job_id}-a{attempt}"}
+        # A group's ranks hold its resources (Ray Train's placement group); its driver none.
+        solo = needs.workers == 1
+        options = {"num_cpus": needs.cpus if solo else 0, "num_gpus": needs.gpus if solo else 0, "name": f"{job_id}-a{attempt}"}
         ref = self._remote.options(**options).remote(spec)
         self.running[job_id] = Running(job_id, attempt, ref, needs)
         await self.queue.ack(job_id, self.name)
@@ -237,7 +259,8 @@ class Dispatcher:
         submitted, so what our running tasks hold is subtracted from the cluster's total
         too, and the smaller of the two is taken (other dispatchers show up in Ray's)."""
         available, total = await asyncio.to_thread(lambda: (ray.available_resources(), ray.cluster_resources()))
-        ours = {"CPU": sum(r.needs.cpus for r in self.running.values()), "GPU": sum(r.needs.gpus for r in self.running.values())}
+        runs = self.running.values()
+        ours = {"CPU": sum(r.needs.cpus * r.needs.workers for r in runs), "GPU": sum(r.needs.gpus * r.needs.workers for r in runs)}
         return {k: min(available.get(k, 0.0), total.get(k, 0.0) - ours[k]) for k in ("CPU", "GPU")}
 
     async def _wait_for_capacity(self, timeout: float = 0.1) -> None:

@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import redis
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,7 +27,7 @@ from service.db.models import JobState
 from service.db.session import make_engine
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError
-from trainer.loop import NonFiniteError
+from trainer.loop import NonFiniteError, Summary, fit
 from workers import tracking
 from workers.reporter import Attempt, AttemptStale, JobReporter
 
@@ -71,32 +71,60 @@ def run_attempt(spec: AttemptSpec) -> str:
     """Run the attempt to its end; returns the state it wrote (or "stale").
 
     Raises for infrastructure failures (the dispatcher retries the job from its last
-    checkpoint); job errors end the job as failed here.
+    checkpoint); job errors end the job as failed here. A job with `resources.workers`
+    > 1 runs as a data-parallel group (workers/ddp.py); this task only drives it.
     """
+    job = open_attempt(spec)
+    if int((job.config.get("resources") or {}).get("workers", 1)) > 1:
+        from workers.ddp import run_group_attempt
+
+        return run_group_attempt(spec, job.config)
+    resume = job.load_checkpoint()
+    reporter = JobReporter(job.attempt)
+    # fit, plus MLflow / TensorBoard when this node's environment asks for them
+    return train_attempt(
+        reporter, lambda: tracking.fit(spec.job_id, spec.attempt, job.config, [reporter], resume=resume, resolve=job.resolve)
+    )
+
+
+@dataclass
+class OpenedAttempt:
+    """What an attempt reads before training: its job config, its latest checkpoint, and
+    how to find uploaded datasets."""
+
+    attempt: Attempt
+    config: dict[str, Any]
+    project_id: str
+    latest_uri: str | None
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        store = self.attempt.store
+        return ckpt.from_bytes(store.read_bytes(self.latest_uri)) if self.latest_uri else None
+
+    def resolve(self, dataset_id: str) -> Path:
+        with self.attempt.sessions.begin() as session:
+            uri = repo.get_dataset(session, dataset_id, project_id=self.project_id).uri
+        return self.attempt.store.local_path(uri, Path(tempfile.gettempdir()) / "unroll-datasets")
+
+
+def open_attempt(spec: AttemptSpec) -> OpenedAttempt:
     sessions = _sessions(spec.database_url)
-    store = ArtifactStore(spec.artifacts)
     attempt = Attempt(
-        job_id=spec.job_id, number=spec.attempt, worker=spec.worker, sessions=sessions, store=store,
+        job_id=spec.job_id, number=spec.attempt, worker=spec.worker, sessions=sessions, store=ArtifactStore(spec.artifacts),
         redis=_redis(spec.redis_url), prefix=spec.prefix, lease_seconds=spec.lease_seconds,
     )
     with sessions.begin() as session:
         job = repo.get_job(session, spec.job_id)
-        config, project_id = job.config, job.project_id
         latest = repo.latest_checkpoint(session, spec.job_id)
-        latest_uri = latest.uri if latest else None
-    resume = ckpt.from_bytes(store.read_bytes(latest_uri)) if latest_uri else None
+        return OpenedAttempt(attempt, job.config, job.project_id, latest.uri if latest else None)
 
-    def resolve(dataset_id: str) -> Path:
-        with sessions.begin() as session:
-            dataset = repo.get_dataset(session, dataset_id, project_id=project_id)
-            uri = dataset.uri
-        return store.local_path(uri, Path(tempfile.gettempdir()) / "unroll-datasets")
 
-    reporter = JobReporter(attempt)
-    attempt.publish({"type": "state", "state": "running", "attempt": spec.attempt, "worker": spec.worker})
+def train_attempt(reporter: JobReporter, train: Callable[[], Summary]) -> str:
+    """Announce the attempt, train, and write its outcome (fenced by its number)."""
+    attempt = reporter.attempt
+    attempt.publish({"type": "state", "state": "running", "attempt": attempt.number, "worker": attempt.worker})
     try:
-        # fit, plus MLflow / TensorBoard when this node's environment asks for them
-        summary = tracking.fit(spec.job_id, spec.attempt, config, [reporter], resume=resume, resolve=resolve)
+        summary = train()
     except JOB_ERRORS as exc:
         return _finish(reporter, JobState.FAILED, error=str(exc))
     except Exception:
