@@ -40,7 +40,6 @@ SCREENSHOTS = ROOT / "test-output" / "screenshots"
 POSTGRES_ADMIN_URL = os.environ.get("UNROLL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 FINAL = {"succeeded", "failed", "cancelled"}
 
-pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 
 def _free_port() -> int:

@@ -120,6 +120,7 @@ def test_cancel_a_running_job_from_its_page_then_back_to_the_list(page, dashboar
     before = int(page.locator("[data-chart=loss]").get_attribute("data-points"))
     time.sleep(3)
     assert int(page.locator("[data-chart=loss]").get_attribute("data-points")) > before  # still growing, live
+    assert int(page.locator(".charts").get_attribute("data-events")) > 2  # driven by the event stream
 
     page.get_by_role("button", name="Cancel").click()
     expect(badge).to_have_attribute("data-state", "cancelled", timeout=30_000)

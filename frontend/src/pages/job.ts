@@ -260,8 +260,10 @@ export const jobPage: Page = (root, { params, url, signal, onDispose }) => {
     await Promise.allSettled([loadJob(), loadMetrics(true), loadLogs(), loadCheckpoints()]);
   }
 
+  let eventsSeen = 0;
   function onEvent(e: StreamEvent): void {
     const data = e.data as Record<string, any>;
+    chartGrid.dataset.events = String(++eventsSeen); // how many live events arrived (tests read it)
     if (!job) return;
     if (e.event === "state") {
       if (data.snapshot) {
