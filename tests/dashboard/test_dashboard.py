@@ -44,10 +44,11 @@ def pairs(points) -> list[tuple]:
     return [tuple(p) for p in points]
 
 
-def test_sign_in_asks_for_a_token_and_shows_how_to_submit_a_first_job(fresh_page, dashboard):
+def test_sign_in_asks_for_a_token_and_shows_how_to_submit_a_first_job(fresh_page, dashboard, screenshot):
     page = fresh_page
     page.goto("/")
     expect(page.get_by_role("heading", name="Sign in to unroll")).to_be_visible()
+    screenshot(page, "sign-in")
     token = page.get_by_label("Project token")
     expect(token).to_be_focused()
     token.fill("unroll_not-a-real-token")
@@ -57,6 +58,7 @@ def test_sign_in_asks_for_a_token_and_shows_how_to_submit_a_first_job(fresh_page
     page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_role("heading", name="No jobs yet")).to_be_visible()
     expect(page.locator("[data-empty=jobs]")).to_contain_text("unroll submit job.yaml")
+    screenshot(page, "jobs-empty")
     # Stored in the browser and sent as a header, never in a URL.
     assert page.evaluate("localStorage.getItem('unroll.token')") == dashboard.token
     assert dashboard.token not in page.url
@@ -122,6 +124,7 @@ def test_cancel_a_running_job_from_its_page_then_back_to_the_list(page, dashboar
     assert int(page.locator("[data-chart=loss]").get_attribute("data-points")) > before  # still growing, live
     assert int(page.locator(".charts").get_attribute("data-events")) > 2  # driven by the event stream
 
+    screenshot(page, "job-running")
     page.get_by_role("button", name="Cancel").click()
     expect(badge).to_have_attribute("data-state", "cancelled", timeout=30_000)
     expect(page.get_by_role("button", name="Retry")).to_be_enabled()
