@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install up test bench clean
+.PHONY: install up test bench clean dashboard browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +18,30 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The dashboard's assets, built from frontend/ (npm, pinned by package-lock.json) into
+# service/dashboard/static/ (git-ignored). make rebuilds only when a source changes.
+DASHBOARD := service/dashboard/static/app.js
+NODE_MODULES := frontend/node_modules/.package-lock.json
+
+$(NODE_MODULES): frontend/package.json frontend/package-lock.json
+	cd frontend && npm ci --no-audit --no-fund
+
+$(DASHBOARD): $(NODE_MODULES) frontend/tsconfig.json $(shell find frontend/src -type f)
+	cd frontend && npm run build
+
+dashboard: $(DASHBOARD)
+
+# Debian's Chromium for tests/dashboard (which skip, saying so, without it). Never `playwright install`.
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+install: $(STAMP) $(DASHBOARD)
 
 # `python -m service.cli` is `unroll`, always from this checkout's code. UP_ARGS: e.g. --port 8001
 up: $(if $(filter .venv,$(VENV)),install)
 	$(PY) -m service.cli up $(UP_ARGS)
 
-test: install
+test: install browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install

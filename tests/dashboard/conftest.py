@@ -118,7 +118,8 @@ class Stack:
         ray_port = _free_port()
         self.spawn("ray", [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={ray_port}",
-            "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={self.ray_temp}",
+            "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
+            "--min-worker-port=0", "--max-worker-port=0", f"--temp-dir={self.ray_temp}",
         ], {**os.environ, "RAY_AUTH_MODE": "token"})
         with _sessions(self.database_url) as session:
             project = repo.get_or_create_project(session, f"dash-{secrets.token_hex(3)}")

@@ -124,7 +124,8 @@ def service(tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_u
     try:
         head = spawn(
             [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={ray_port}",
-             "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={ray_temp}"],
+             "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
+             "--min-worker-port=0", "--max-worker-port=0", f"--temp-dir={ray_temp}"],
             "ray-head", {**os.environ, "RAY_AUTH_MODE": "token"}, group=True,
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("UNROLL_")}

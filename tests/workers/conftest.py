@@ -54,7 +54,7 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     temp_dir = f"/tmp/ray-unroll-{secrets.token_hex(3)}"
     cmd = [
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
-        "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+        "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", "--min-worker-port=0", "--max-worker-port=0", f"--temp-dir={temp_dir}",
     ]
     log = (tmp_path_factory.mktemp("ray") / "head.log").open("w")
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # the default for new clusters, made explicit
