@@ -78,6 +78,7 @@ def test_adding_with_documents_and_unscored_windows(tmp_path):
     assert any(v is None for v in single["losses"].values())
 
 
+@pytest.mark.slow  # three groups and one process
 def test_group_resume_is_exact(tmp_path):
     cfg = config(steps=16)
     whole = run_group(2, cfg, tmp_path / "whole")
