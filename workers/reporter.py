@@ -10,7 +10,6 @@ stale and stops it, and from then on it writes nothing at all.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -68,7 +67,7 @@ class JobReporter(Callback):
         self._lock = threading.Lock()
         self._points: list[repo.MetricPoint] = []
         self._lines: list[repo.LogLine] = []
-        self._checkpoints: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
+        self._checkpoints: list[tuple[int, dict[str, Any]]] = []
         self._step = 0
         self._last_loss: float | None = None
         self._last_progress_log = 0.0
@@ -106,7 +105,8 @@ class JobReporter(Callback):
         self.log(f"eval @ {step}: {shown}")
 
     def on_checkpoint(self, step: int, checkpoint: dict[str, Any]) -> None:
-        self._checkpoints.put((step, checkpoint))
+        with self._lock:
+            self._checkpoints.append((step, checkpoint))
 
     def should_stop(self) -> bool:
         return self.cancel_requested or self.stale
@@ -123,7 +123,7 @@ class JobReporter(Callback):
             try:
                 self._poll_cancel()
                 now = time.monotonic()
-                if now - last_flush >= FLUSH_EVERY_S or not self._checkpoints.empty():
+                if now - last_flush >= FLUSH_EVERY_S or self._checkpoints:
                     self.flush()
                     last_flush = now
                 if now - last_renew >= self.attempt.lease_seconds / 3:
@@ -161,9 +161,13 @@ class JobReporter(Callback):
         then any checkpoints. Safe to call from any thread, one at a time."""
         if self.stale:
             raise AttemptStale()
+        # One snapshot under the lock: a checkpoint is taken after its step's metrics were
+        # buffered, so it is written only after those metrics are committed. (A checkpoint
+        # recorded ahead of its metrics would let a resumed attempt skip them for good.)
         with self._lock:
             points, self._points = self._points, []
             lines, self._lines = self._lines, []
+            checkpoints, self._checkpoints = self._checkpoints, []
             step = self._step
         a = self.attempt
         try:
@@ -180,12 +184,20 @@ class JobReporter(Callback):
             with self._lock:  # keep them for the next try
                 self._points[:0] = points
                 self._lines[:0] = lines
+                self._checkpoints[:0] = checkpoints
             raise
         if points:
             progress = step / self.max_steps if self.max_steps else None
             a.publish({"type": "progress", "step": step, "max_steps": self.max_steps, "progress": progress, "loss": self._last_loss})
-        while not self._checkpoints.empty():
-            self._write_checkpoint(*self._checkpoints.get())
+        for i, (step_, state) in enumerate(checkpoints):
+            try:
+                self._write_checkpoint(step_, state)
+            except AttemptStale:
+                raise
+            except Exception:
+                with self._lock:  # the store or the database is away: retry these later
+                    self._checkpoints[:0] = checkpoints[i:]
+                raise
 
     def _write_checkpoint(self, step: int, state: dict[str, Any]) -> None:
         a = self.attempt

@@ -257,7 +257,14 @@ def test_fresh_clone_make_up_runs_a_job_from_the_cli_and_sigterm_leaves_nothing(
         tiny_id = done.stdout.strip().splitlines()[0]
         assert f"{tiny_id} succeeded" in done.stdout
 
-        metrics = httpx.get(f"{up.url}/metrics", timeout=10).text
+        # Gauges are read at scrape time within a short timeout: on a loaded machine one
+        # scrape may leave them out, so scrape until they are there (or 20 s pass).
+        deadline = time.monotonic() + 20
+        while True:
+            metrics = httpx.get(f"{up.url}/metrics", timeout=10).text
+            if 'unroll_jobs{state="succeeded"} 1.0' in metrics or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert 'unroll_jobs{state="succeeded"} 1.0' in metrics
         assert "unroll_dispatch_latency_seconds_count{dispatcher=" in metrics
         assert "unroll_dispatcher_heartbeats_total{dispatcher=" in metrics
