@@ -81,7 +81,7 @@ def test_cancel_stops_a_running_job_and_keeps_its_checkpoints(stack):
 
 
 def test_killed_worker_resumes_with_the_exact_losses_of_an_undisturbed_run(stack):
-    config = tiny_config(200, train={"checkpoint_every": 25, "eval_every": 50})
+    config = tiny_config(2000, train={"checkpoint_every": 25, "eval_every": 500})
     first = stack.start_worker()
     job_id = stack.submit(config)
     stack.wait(job_id, {JobState.RUNNING}, step=60)
