@@ -198,6 +198,34 @@ class Metric(Base):
     wall_time: Mapped[float | None] = mapped_column(sa.Double)
 
 
+# Steps per metric block: a block summarises BLOCK_STEPS consecutive steps of a series.
+METRIC_BLOCK_STEPS = 64
+
+
+class MetricBlock(Base):
+    """The extremes of one block of a series: steps [block·64, block·64 + 63] (steps are
+    never negative). Its lowest and highest finite points and its first non-finite one,
+    kept exact by every metrics write (repo.insert_metrics recomputes the blocks a batch
+    touched, in the same transaction). A downsampled read of a long series aggregates
+    blocks instead of points: 1/64 of the rows, with the same min/max guarantee."""
+
+    __tablename__ = "metric_blocks"
+    __table_args__ = (
+        sa.PrimaryKeyConstraint("job_id", "name", "block"),
+        {"sqlite_with_rowid": False},
+    )
+
+    job_id: Mapped[str] = mapped_column(sa.String(ID_LENGTH))
+    name: Mapped[str] = mapped_column(sa.String(200))
+    block: Mapped[int] = mapped_column(sa.BigInteger)
+    # NULL when the block has no finite point (low/high) or no non-finite one (null_step).
+    low_step: Mapped[int | None] = mapped_column(sa.BigInteger)
+    low_value: Mapped[float | None] = mapped_column(sa.Double)
+    high_step: Mapped[int | None] = mapped_column(sa.BigInteger)
+    high_value: Mapped[float | None] = mapped_column(sa.Double)
+    null_step: Mapped[int | None] = mapped_column(sa.BigInteger)
+
+
 class Checkpoint(Base):
     __tablename__ = "checkpoints"
 

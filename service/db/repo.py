@@ -35,7 +35,9 @@ from service.db.models import (
     Job,
     JobLog,
     JobState,
+    METRIC_BLOCK_STEPS,
     Metric,
+    MetricBlock,
     Project,
     Sweep,
 )
@@ -432,6 +434,8 @@ def insert_metrics(
     batch: dict[tuple[str, int], tuple[float | None, float | None]] = {}
     for point in points:
         name, step, value = point[0], int(point[1]), point[2]
+        if step < 0:
+            raise ValueError(f"metric {name!r}: step must be >= 0 (got {step})")
         wall = point[3] if len(point) > 3 else None
         batch[(name, step)] = (_finite(value), None if wall is None else float(wall))
     if not batch:
@@ -451,6 +455,7 @@ def insert_metrics(
         written = session.execute(stmt, params, execution_options=_ROWCOUNT).rowcount
     if written == 0:
         raise StaleAttempt(job_id, attempt)
+    _refresh_blocks(session, job_id, {(name, step // METRIC_BLOCK_STEPS) for name, step in batch})
     return written
 
 
@@ -510,6 +515,53 @@ def _insert_metrics_unnest(
         "walls": [v[1] for v in batch.values()],
     }
     return session.execute(stmt, params, execution_options=_ROWCOUNT).rowcount
+
+
+_BLOCK_COLUMNS = ("low_step", "low_value", "high_step", "high_value", "null_step")
+_BLOCKS_UPSERT = " ON CONFLICT (job_id, name, block) DO UPDATE SET " + ", ".join(
+    f"{column} = excluded.{column}" for column in _BLOCK_COLUMNS
+)
+
+
+def _refresh_blocks(session: Session, job_id: str, touched: set[tuple[str, int]]) -> None:
+    """Recompute the metric blocks (models.MetricBlock) that a batch wrote into, from the
+    points themselves: exact also when a resumed attempt overwrote a step. Runs after the
+    fenced insert in the same transaction, so blocks and points commit together."""
+    if _is_postgres(session):
+        # One statement for the whole batch: the touched blocks as arrays, each one's points
+        # read as a key range (LATERAL: an index range per block, whatever the statistics say
+        # about a table that grows by the batch).
+        session.execute(
+            sa.text(
+                "INSERT INTO metric_blocks (job_id, name, block, low_step, low_value, high_step, high_value, null_step)"
+                " SELECT CAST(:job_id AS VARCHAR), t.name, t.block, low[2]::bigint, low[1], high[2]::bigint, high[1], null_step"
+                " FROM unnest(CAST(:names AS VARCHAR[]), CAST(:blocks AS BIGINT[])) AS t(name, block)"
+                " CROSS JOIN LATERAL (SELECT"
+                " min(ARRAY[m.value, m.step::float8]) FILTER (WHERE m.value IS NOT NULL) AS low,"
+                " max(ARRAY[m.value, m.step::float8]) FILTER (WHERE m.value IS NOT NULL) AS high,"
+                " min(m.step) FILTER (WHERE m.value IS NULL) AS null_step"
+                " FROM metrics m WHERE m.job_id = CAST(:job_id AS VARCHAR) AND m.name = t.name"
+                f" AND m.step BETWEEN t.block * {METRIC_BLOCK_STEPS} AND t.block * {METRIC_BLOCK_STEPS} + {METRIC_BLOCK_STEPS - 1}"
+                ") AS s"
+                f"{_BLOCKS_UPSERT}"
+            ),
+            {"job_id": job_id, "names": [name for name, _ in touched], "blocks": [block for _, block in touched]},
+        )
+        return
+    # SQLite (in-process, so several small statements cost little): per touched block, the
+    # bare `step` column comes from the row that holds the min() or max() (documented).
+    points = f"FROM metrics WHERE job_id = :job_id AND name = :name AND step BETWEEN :block * {METRIC_BLOCK_STEPS} AND :block * {METRIC_BLOCK_STEPS} + {METRIC_BLOCK_STEPS - 1}"
+    session.execute(
+        sa.text(
+            "INSERT INTO metric_blocks (job_id, name, block, low_step, low_value, high_step, high_value, null_step)"
+            " SELECT :job_id, :name, :block, low.step, low.value, high.step, high.value,"
+            f" (SELECT min(step) {points} AND value IS NULL)"
+            f" FROM (SELECT step, min(value) AS value {points} AND value IS NOT NULL) AS low,"
+            f" (SELECT step, max(value) AS value {points} AND value IS NOT NULL) AS high"
+            f" WHERE true{_BLOCKS_UPSERT}"
+        ),
+        [{"job_id": job_id, "name": name, "block": block} for name, block in touched],
+    )
 
 
 def add_checkpoint(
@@ -651,7 +703,9 @@ def read_series(
     With `max_points`, a longer series is cut into max_points // 2 buckets of equal step
     width, and each bucket contributes its minimum and its maximum point (and its first
     null point, if it has one: a divergence must stay visible), so spikes survive. The
-    buckets are computed by the database (GROUP BY), not by shipping every point here.
+    buckets are computed by the database (GROUP BY), not by shipping every point here;
+    a bucket four or more 64-step blocks wide is made of whole blocks and read from the
+    metric blocks (models.MetricBlock), so a 1,000,000-point series costs ~16,000 rows.
     """
     if names is None:
         names = metric_names(session, job_id)
@@ -678,13 +732,10 @@ def _read_one(session: Session, job_id: str, name: str, since_step: int | None, 
             return []
         # Steps are unique per series: a range no wider than max_points holds few enough.
         if hi - lo + 1 > max_points:
-            downsample = _downsample_postgres if _is_postgres(session) else _downsample_sqlite
             # Two points per bucket (min, max). A bucket with non-finite values adds a third
             # (its first null); if those do not fit, use buckets of three points instead.
             for per_bucket in (2, 3):
-                buckets = max(1, max_points // per_bucket)
-                width = -(-(hi - lo + 1) // buckets)  # ceil: at most `buckets` buckets
-                points = sorted(set(downsample(session, job_id, name, lo, hi, width)))
+                points = sorted(set(_downsample(session, job_id, name, lo, hi, max(1, max_points // per_bucket))))
                 if len(points) <= max_points:
                     break
             return points[:max_points]
@@ -692,45 +743,78 @@ def _read_one(session: Session, job_id: str, name: str, since_step: int | None, 
     return [(row.step, row.value) for row in rows]
 
 
-def _downsample_postgres(session: Session, job_id: str, name: str, lo: int, hi: int, width: int) -> list[Point]:
-    # min/max over (value, step) arrays give the extreme value and its step in one pass.
-    session.execute(sa.text("SET LOCAL jit = off"))  # compiling costs more than it saves here
-    rows = session.execute(
-        sa.text(
-            "SELECT min(ARRAY[value, step::float8]) FILTER (WHERE value IS NOT NULL) AS low,"
-            " max(ARRAY[value, step::float8]) FILTER (WHERE value IS NOT NULL) AS high,"
-            " min(step) FILTER (WHERE value IS NULL) AS null_step"
-            " FROM metrics WHERE job_id = :job_id AND name = :name AND step BETWEEN :lo AND :hi"
-            " GROUP BY (step - :lo) / :width"
-        ),
-        {"job_id": job_id, "name": name, "lo": lo, "hi": hi, "width": width},
-    ).all()
+class _Source(NamedTuple):
+    """Where bucket extremes are read from: the points, or the blocks that summarise them."""
+
+    table: str
+    key: str  # the column the buckets cut: step, or block
+    low_step: str
+    low_value: str
+    high_step: str
+    high_value: str
+    null_step: str  # NULL where the row has no non-finite point
+
+
+_POINTS = _Source("metrics", "step", "step", "value", "step", "value", "CASE WHEN value IS NULL THEN step END")
+_BLOCKS = _Source("metric_blocks", "block", "low_step", "low_value", "high_step", "high_value", "null_step")
+
+# Blocks are used when a bucket spans at least this many of them: buckets are then whole
+# blocks (their width rounded up to a multiple of 64 steps), which costs at most a fifth of
+# the buckets; narrower buckets read the points (at most ~4·64·max_points of them).
+_MIN_BLOCKS_PER_BUCKET = 4
+
+
+def _downsample(session: Session, job_id: str, name: str, lo: int, hi: int, buckets: int) -> list[Point]:
+    """Each bucket's extremes over steps [lo, hi] cut into at most `buckets` buckets."""
+    width = -(-(hi - lo + 1) // buckets)  # ceil
+    if width < _MIN_BLOCKS_PER_BUCKET * METRIC_BLOCK_STEPS:
+        return _extremes(session, _POINTS, job_id, name, lo, hi, width)
+    # A head that starts inside a block is read from its points, as one more bucket.
+    first = -(-lo // METRIC_BLOCK_STEPS)
     points: list[Point] = []
-    for low, high, null_step in rows:
-        if low is not None:
-            points.append((int(low[1]), low[0]))
-            points.append((int(high[1]), high[0]))
-        if null_step is not None:
-            points.append((null_step, None))
-    return points
+    if first * METRIC_BLOCK_STEPS > lo:
+        points = _extremes(session, _POINTS, job_id, name, lo, first * METRIC_BLOCK_STEPS - 1, METRIC_BLOCK_STEPS)
+        buckets = max(1, buckets - 1)
+    last = hi // METRIC_BLOCK_STEPS
+    per_bucket = -(-(last - first + 1) // buckets)
+    return points + _extremes(session, _BLOCKS, job_id, name, first, last, per_bucket)
 
 
-def _downsample_sqlite(session: Session, job_id: str, name: str, lo: int, hi: int, width: int) -> list[Point]:
-    # SQLite returns a bare column from the row that holds the group's min() or max()
-    # (documented behaviour), which gives each extreme's step without a second pass.
+def _extremes(session: Session, src: _Source, job_id: str, name: str, lo: int, hi: int, width: int) -> list[Point]:
+    """Per bucket of `width` keys in [lo, hi]: the lowest and highest finite point and the
+    first non-finite one. Computed by the database (GROUP BY), not by shipping rows here."""
     params = {"job_id": job_id, "name": name, "lo": lo, "hi": hi, "width": width}
-    series = "FROM metrics WHERE job_id = :job_id AND name = :name AND step BETWEEN :lo AND :hi"
+    rows_of = f"FROM {src.table} WHERE job_id = :job_id AND name = :name AND {src.key} BETWEEN :lo AND :hi"
+    group = f"GROUP BY ({src.key} - :lo) / :width"
     points: list[Point] = []
-    for aggregate in ("min", "max"):
+    if _is_postgres(session):
+        # min/max over (value, step) arrays give the extreme value and its step in one pass.
+        session.execute(sa.text("SET LOCAL jit = off"))  # compiling costs more than it saves here
         rows = session.execute(
-            sa.text(f"SELECT step, {aggregate}(value) {series} AND value IS NOT NULL GROUP BY (step - :lo) / :width"),
+            sa.text(
+                f"SELECT min(ARRAY[{src.low_value}, {src.low_step}::float8]) FILTER (WHERE {src.low_value} IS NOT NULL),"
+                f" max(ARRAY[{src.high_value}, {src.high_step}::float8]) FILTER (WHERE {src.high_value} IS NOT NULL),"
+                f" min({src.null_step}) {rows_of} {group}"
+            ),
             params,
         ).all()
-        points.extend((step, value) for step, value in rows)
-    nulls = session.execute(
-        sa.text(f"SELECT min(step) {series} AND value IS NULL GROUP BY (step - :lo) / :width"), params
-    ).all()
-    points.extend((step, None) for (step,) in nulls)
+        for low, high, null_step in rows:
+            if low is not None:
+                points.append((int(low[1]), low[0]))
+            if high is not None:
+                points.append((int(high[1]), high[0]))
+            if null_step is not None:
+                points.append((int(null_step), None))
+        return points
+    # SQLite returns a bare column from the row that holds the group's min() or max()
+    # (documented behaviour), which gives each extreme's step without a second pass.
+    for step, aggregate, value in ((src.low_step, "min", src.low_value), (src.high_step, "max", src.high_value)):
+        rows = session.execute(
+            sa.text(f"SELECT {step}, {aggregate}({value}) {rows_of} AND {value} IS NOT NULL {group}"), params
+        ).all()
+        points.extend((int(step_), value_) for step_, value_ in rows)
+    nulls = session.execute(sa.text(f"SELECT min({src.null_step}) {rows_of} {group}"), params).all()
+    points.extend((int(step_), None) for (step_,) in nulls if step_ is not None)
     return points
 
 

@@ -4,17 +4,21 @@ with the migrations (autogenerate finds nothing to do)."""
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from service.db.base import Base
 from service.db.migrate import current, downgrade, upgrade
 from service.db.session import make_engine
+
+from .test_metric_blocks import brute_blocks, stored_blocks
 
 TABLES = {t.name for t in Base.metadata.sorted_tables}
 
@@ -31,7 +35,7 @@ def test_upgrade_to_head_and_back_to_base(empty_db_url: str) -> None:
     assert current(empty_db_url) is None
     upgrade(empty_db_url)
     assert _tables(empty_db_url) == TABLES
-    assert current(empty_db_url) == "0001"
+    assert current(empty_db_url) == "0002"
     downgrade(empty_db_url, "base")
     assert _tables(empty_db_url) == set()
     assert current(empty_db_url) is None
@@ -59,3 +63,23 @@ def test_upgrade_works_from_any_directory(tmp_path: Path, monkeypatch: pytest.Mo
     assert (tmp_path / "nested" / "dir" / "unroll.db").exists()
     assert _tables(f"sqlite:///{tmp_path / 'nested/dir/unroll.db'}") == TABLES
     assert os.getcwd() == str(tmp_path)
+
+
+def test_metric_blocks_are_backfilled_from_existing_points(empty_db_url: str) -> None:
+    # A database at 0001 already holds points: 0002 must summarise them, not start empty.
+    downgrade(empty_db_url, "base")
+    upgrade(empty_db_url, "0001")
+    rng = random.Random(3)
+    values = {s: (None if s % 41 == 0 else rng.random()) for s in range(0, 1000)}
+    engine = make_engine(empty_db_url, poolclass=NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("INSERT INTO metrics (job_id, name, step, attempt, value) VALUES ('job_x', 'loss', :s, 1, :v)"),
+                [{"s": s, "v": v} for s, v in values.items()],
+            )
+        upgrade(empty_db_url)
+        with Session(engine) as session:
+            assert stored_blocks(session, "job_x", "loss") == brute_blocks(values)
+    finally:
+        engine.dispose()

@@ -65,6 +65,9 @@ def _rank_main(rank: int, world: int, init: str, config: dict, resume: bytes | N
              "summary": rec.summary if rank == 0 else summary.to_dict()},
             Path(out) / f"rank{rank}.pt",
         )
+        # Leave together: a rank that tears its group down while the other still talks to
+        # it can abort (gloo's threads) instead of exiting cleanly.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
