@@ -108,6 +108,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "Every route under /v1 takes `Authorization: Bearer <token>`; errors are "
         '`{"error": {"code", "message", "field"?}}`.',
         lifespan=lifespan,
+        # Off unless asked for: FastAPI otherwise looks up the global OpenTelemetry
+        # providers on every request, and /metrics already serves Prometheus.
+        telemetry=None if settings.otel else {"tracing": False, "metrics": False, "logs": False},
         openapi_tags=[
             {"name": "jobs", "description": "Training jobs (SPEC §2 configs)"},
             {"name": "sweeps", "description": "Grids of jobs"},

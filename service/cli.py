@@ -50,27 +50,37 @@ def _api(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
-    p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--log-level", default=None, choices=["debug", "info", "warning", "error", "critical"],
+        help="of the server and the `unroll` loggers (default: UNROLL_LOG_LEVEL, else info)",
+    )
     p.set_defaults(func=_run_api)
 
 
 def _run_api(args: argparse.Namespace) -> int:
     import importlib.util
+    import os
 
     import uvicorn
+
+    from service.settings import get_settings
 
     fast = {}
     if importlib.util.find_spec("uvloop"):
         fast["loop"] = "uvloop"
     if importlib.util.find_spec("httptools"):
         fast["http"] = "httptools"
+    if args.log_level is not None:
+        # Through the environment, so uvicorn's worker processes read it as a setting too.
+        os.environ["UNROLL_LOG_LEVEL"] = args.log_level
+        get_settings.cache_clear()
     uvicorn.run(
         "service.app:create_app",
         factory=True,
         host=args.host,
         port=args.port,
         workers=args.workers,
-        log_level=args.log_level,
+        log_level=get_settings().log_level,
         access_log=False,
         **fast,
     )

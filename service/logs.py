@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 
@@ -35,12 +34,15 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str | None = None) -> None:
-    """JSON lines on stderr for the `unroll` loggers (UNROLL_LOG_LEVEL, default info)."""
+    """JSON lines on stderr for the `unroll` loggers, at `level` or the settings' log_level
+    (UNROLL_LOG_LEVEL, default info)."""
+    from service.settings import get_settings
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logger = logging.getLogger("unroll")
     logger.handlers[:] = [handler]
-    logger.setLevel((level or os.environ.get("UNROLL_LOG_LEVEL", "info")).upper())
+    logger.setLevel((level or get_settings().log_level).upper())
     logger.propagate = False
 
 

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.artifacts import ArtifactStore
 from service.auth import TokenCache
+from service.db import repo
 from service.db.session import make_async_engine
 from service.keys import Keys
 from service.metrics import Metrics
@@ -48,6 +49,11 @@ class Runtime:
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             async with AsyncSession(bind=conn, expire_on_commit=False) as session:
                 yield session
+
+    async def count_queued(self, project_id: str) -> int:
+        """The project's queued jobs, counted in the database (the quota's recount)."""
+        async with self.autocommit() as session:
+            return await session.run_sync(repo.count_queued, project_id)
 
     async def close(self) -> None:
         await self.redis.aclose()

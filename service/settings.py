@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -64,6 +64,14 @@ class Settings(BaseSettings):
     # A running attempt that ignores a cancel request this long is stopped by force.
     cancel_grace_seconds: float = Field(default=30.0, gt=0)
 
+    # --- observability ---
+    # Level of the `unroll` loggers (JSON lines on stderr). `unroll api --log-level` sets it.
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    # FastAPI's OpenTelemetry spans, metrics and logs, sent to the providers configured in
+    # the process (opentelemetry-instrument, or an embedding program). Off: nothing is
+    # checked per request; Prometheus /metrics is always on.
+    otel: bool = False
+
     # --- database tuning ---
     db_pool_size: int = Field(default=5, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
@@ -72,6 +80,11 @@ class Settings(BaseSettings):
     # SQLite: how long a writer waits for the lock held by another writer.
     sqlite_busy_timeout_ms: int = Field(default=5_000, ge=0)
     db_echo: bool = False
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("data_roots", mode="before")
     @classmethod

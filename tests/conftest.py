@@ -1,4 +1,10 @@
-"""Shared Redis fixtures (only these: other fixtures live in each package's conftest).
+"""Shared Redis fixtures (only these: other fixtures live in each package's conftest), and
+the Ray token of the test session.
+
+- Ray: every cluster the tests start (heads, drivers, Ray Train groups) uses token auth,
+  Ray's default, with one token written for the session (pytest_configure, before anything
+  imports ray). A fresh machine has no ~/.ray/auth_token, and a head started without a
+  token refuses to start.
 
 - ``redis_url`` (session): the Redis at ``UNROLL_REDIS_URL`` or 127.0.0.1:6379 if it answers
   PING, else a private ``redis-server`` started for the session and stopped after it; the
@@ -26,6 +32,19 @@ import redis
 import redis.asyncio as aioredis
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if "RAY_AUTH_MODE" in os.environ:  # the caller chose (disabled, or a token of theirs)
+        return
+    import tempfile
+
+    from service.up import write_secret
+
+    path = Path(tempfile.mkdtemp(prefix="unroll-tests-ray-")) / "auth_token"
+    write_secret(path, secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
 
 
 def _answers(url: str) -> bool:

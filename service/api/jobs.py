@@ -15,11 +15,12 @@ from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
 
 from service import events as job_events
-from service.db import repo, states
+from service.db import repo, states, submit
 from service.db.errors import NotFound
 from service.db.models import JobState
 from service.deps import ProjectDep, RuntimeDep
 from service.errors import ApiError, responses
+from service.quota import counter
 from service.runtime import Runtime
 from service.schemas import (
     CheckpointList,
@@ -106,21 +107,23 @@ async def submit_job(
 ) -> JobPublic | Response:
     settings = runtime.settings
     config = check_config(await read_json(request), settings)
-    # One statement does the write (INSERT … ON CONFLICT DO NOTHING RETURNING), so it runs
-    # on an autocommit connection: committed in its own round trip, no BEGIN/COMMIT.
-    async with runtime.autocommit() as session:
-        if idempotency_key is not None:
-            existing = await session.run_sync(repo.get_job_by_idempotency_key, project.project_id, idempotency_key)
-            if existing is not None:
-                response.status_code = status.HTTP_200_OK
-                return JobPublic.of(existing)
-        await check_dataset(session, config, project.project_id)
-        await runtime.quota.check(session, project.project_id, 1, settings.max_queued_per_project)
-        job, created = await session.run_sync(_create_job, project.project_id, config, idempotency_key, None, repo.insert_job)
+    project_id = project.project_id
+    # The common submission (no key, no dataset, the quota estimate trusted) touches the
+    # database once: the INSERT, committed by itself (service.db.submit).
+    if idempotency_key is not None or getattr(config.data, "dataset", None) is not None:
+        async with runtime.autocommit() as session:
+            if idempotency_key is not None:
+                existing = await session.run_sync(repo.get_job_by_idempotency_key, project_id, idempotency_key)
+                if existing is not None:
+                    response.status_code = status.HTTP_200_OK
+                    return JobPublic.of(existing)
+            await check_dataset(session, config, project_id)
+    await runtime.quota.check(project_id, 1, settings.max_queued_per_project, runtime.count_queued)
+    job, created = await submit.insert_job(runtime.engine, _job_values(project_id, config, idempotency_key))
     if not created:  # lost a race with the same key: the winner's job, as a repeat
         response.status_code = status.HTTP_200_OK
         return JobPublic.of(job)
-    runtime.quota.added(project.project_id, 1)
+    runtime.quota.added(project_id, 1)
     runtime.metrics.submissions.inc()
     await enqueue_after_commit(runtime, [(job.id, job.priority)])
     # Serialized once here (the hot path): returning the model would have FastAPI dump,
@@ -128,19 +131,20 @@ async def submit_job(
     return Response(JobPublic.of(job).model_dump_json(), status_code=201, media_type="application/json")
 
 
-def _create_job(session, project_id, config, idempotency_key, sweep_id=None, create=repo.create_job):
-    return create(
-        session,
-        project_id=project_id,
-        config=stored_config(config),
-        name=config.name,
-        tags=config.tags,
-        priority=config.priority,
-        max_attempts=config.max_attempts,
-        max_steps=config.train.max_steps,
-        idempotency_key=idempotency_key,
-        sweep_id=sweep_id,
-    )
+def job_fields(config) -> dict[str, Any]:
+    """The columns of a job that come from its validated config."""
+    return {
+        "config": stored_config(config),
+        "name": config.name,
+        "tags": config.tags,
+        "priority": config.priority,
+        "max_attempts": config.max_attempts,
+        "max_steps": config.train.max_steps,
+    }
+
+
+def _job_values(project_id: str, config, idempotency_key: str | None) -> dict[str, Any]:
+    return repo.new_job_values(project_id=project_id, idempotency_key=idempotency_key, **job_fields(config))
 
 
 @router.get("", response_model=JobList, summary="List jobs, newest first", responses=responses(400, 401, 422, 503))
@@ -221,7 +225,7 @@ async def retry_job(job_id: JobId, project: ProjectDep, runtime: RuntimeDep) -> 
     settings = runtime.settings
     async with runtime.sessions() as session, session.begin():
         await session.run_sync(repo.get_job, job_id, project.project_id)
-        await runtime.quota.check(session, project.project_id, 1, settings.max_queued_per_project)
+        await runtime.quota.check(project.project_id, 1, settings.max_queued_per_project, counter(session))
         public = await session.run_sync(_retry, job_id)
     runtime.quota.added(project.project_id, 1)
     await enqueue_after_commit(runtime, [(public.id, public.priority)])

@@ -22,9 +22,10 @@ from service.db.models import Job, JobState
 from service.deps import ProjectDep, RuntimeDep
 from service.errors import ApiError, Invalid
 from service.errors import responses as error_responses
+from service.quota import counter
 from service.schemas import SweepCancelled, SweepCreate, SweepJob, SweepPublic
 from service.submission import check_config, check_dataset
-from service.api.jobs import _create_job, enqueue_after_commit
+from service.api.jobs import enqueue_after_commit, job_fields
 from trainer.config import JobConfig
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
@@ -114,7 +115,7 @@ async def create_sweep(body: SweepCreate, project: ProjectDep, runtime: RuntimeD
             if dataset is not None and dataset not in checked:
                 checked.add(dataset)
                 await check_dataset(session, config, project.project_id, prefix="base.")
-        await runtime.quota.check(session, project.project_id, len(configs), settings.max_queued_per_project)
+        await runtime.quota.check(project.project_id, len(configs), settings.max_queued_per_project, counter(session))
         public, queued = await session.run_sync(_create, project.project_id, body, configs)
     runtime.quota.added(project.project_id, len(queued))
     runtime.metrics.submissions.inc(len(queued))
@@ -143,7 +144,7 @@ def _create(session, project_id: str, body: SweepCreate, configs) -> tuple[Sweep
     )
     queued = []
     for config, _, _ in configs:
-        job, _ = _create_job(session, project_id, config, None, sweep_id=sweep.id)
+        job, _ = repo.create_job(session, project_id=project_id, sweep_id=sweep.id, **job_fields(config))
         queued.append((job.id, job.priority))
     return _summary(session, sweep), queued
 

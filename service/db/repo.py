@@ -16,7 +16,8 @@ import hashlib
 import math
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import psycopg
@@ -37,7 +38,6 @@ from service.db.models import (
     JobState,
     METRIC_BLOCK_STEPS,
     Metric,
-    MetricBlock,
     Project,
     Sweep,
 )
@@ -864,8 +864,15 @@ def count_jobs_by_state(session: Session) -> dict[JobState, int]:
     return {state: count for state, count in rows}
 
 
-def insert_job(
-    session: Session,
+# The columns a new job is inserted with; every other column of `jobs` starts NULL.
+JOB_INSERT_COLUMNS = (
+    "id", "project_id", "sweep_id", "name", "tags", "config", "state", "priority", "attempt",
+    "max_attempts", "retry_base", "step", "max_steps", "progress", "idempotency_key",
+    "created_at", "updated_at",
+)
+
+
+def new_job_values(
     *,
     project_id: str,
     config: Mapping[str, Any],
@@ -877,13 +884,10 @@ def insert_job(
     idempotency_key: str | None = None,
     sweep_id: str | None = None,
     now: datetime | None = None,
-) -> tuple[Job, bool]:
-    """create_job in one statement, for the API's hot path: INSERT … ON CONFLICT (project,
-    Idempotency-Key) DO NOTHING RETURNING, so it needs no savepoint and, run on an
-    autocommit connection, is a whole transaction in one round trip. A key already used
-    returns the existing job (also when two submissions race). Returns (job, created)."""
+) -> dict[str, Any]:
+    """The row of a new queued job, keyed by JOB_INSERT_COLUMNS (with a fresh id)."""
     now = now or utcnow()
-    values = {
+    return {
         "id": new_id("job"),
         "project_id": project_id,
         "sweep_id": sweep_id,
@@ -902,17 +906,37 @@ def insert_job(
         "created_at": now,
         "updated_at": now,
     }
+
+
+def new_job_row(values: Mapping[str, Any]) -> Any:
+    """What the database holds for a job just inserted with `values`: those values, NULL in
+    every other column (no column of `jobs` has a server default). Read like a Job."""
+    row = dict.fromkeys(Job.__table__.c.keys())
+    row.update(values)
+    return SimpleNamespace(**row)
+
+
+def insert_job(session: Session, values: Mapping[str, Any]) -> tuple[Any, bool]:
+    """create_job in one statement, for the API's hot path: INSERT … ON CONFLICT (project,
+    Idempotency-Key) DO NOTHING RETURNING id, so it needs no savepoint and, run on an
+    autocommit connection, is a whole transaction in one round trip. A key already used
+    returns the existing job (also when two submissions race). `values` come from
+    new_job_values. Returns (job, created)."""
     dialect = session.get_bind().dialect.name
     stmt = _INSERT_JOB.get(dialect)
     if stmt is None:
         stmt = _INSERT_JOB[dialect] = _insert_job_statement(dialect)
-    row = session.execute(stmt, values).first()
-    if row is not None:
-        return row, True  # type: ignore[return-value]  (a Row with every column of Job)
-    existing = get_job_by_idempotency_key(session, project_id, idempotency_key)  # type: ignore[arg-type]
+    if session.execute(stmt, values).first() is not None:
+        return new_job_row(values), True
+    return existing_job_for_key(session, values["project_id"], values["idempotency_key"]), False
+
+
+def existing_job_for_key(session: Session, project_id: str, idempotency_key: str) -> Job:
+    """The job that won a conflict on (project, Idempotency-Key)."""
+    existing = get_job_by_idempotency_key(session, project_id, idempotency_key)
     if existing is None:  # deleted between the conflict and the read: vanishingly rare
         raise NotFound("job", f"idempotency key {idempotency_key!r}")
-    return existing, False
+    return existing
 
 
 # One statement per dialect, built once with a bind parameter per column: executing it only
@@ -924,13 +948,8 @@ def _insert_job_statement(dialect: str) -> Any:
     from sqlalchemy.dialects import sqlite
 
     table = Job.__table__
-    columns = [
-        "id", "project_id", "sweep_id", "name", "tags", "config", "state", "priority", "attempt",
-        "max_attempts", "retry_base", "step", "max_steps", "progress", "idempotency_key",
-        "created_at", "updated_at",
-    ]
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(table).values({c: sa.bindparam(c, type_=table.c[c].type) for c in columns})
+    stmt = insert(table).values({c: sa.bindparam(c, type_=table.c[c].type) for c in JOB_INSERT_COLUMNS})
     # NULL keys never conflict, so one statement serves submissions with and without a key.
     stmt = stmt.on_conflict_do_nothing(index_elements=["project_id", "idempotency_key"])
-    return stmt.returning(*table.c)
+    return stmt.returning(table.c.id)

@@ -68,7 +68,8 @@ _PG_UNAVAILABLE_PREFIXES = ("08", "57P", "53")  # connection exception, shutdown
 _SQLITE_UNAVAILABLE = ("database is locked", "unable to open database file", "disk i/o error")
 
 
-def _unavailable(exc: BaseException | None, ctx: ExceptionContext | None = None) -> bool:
+def is_unavailable(exc: BaseException | None, ctx: ExceptionContext | None = None) -> bool:
+    """Whether `exc` (from any of our drivers) means the database is not there for us."""
     if exc is None:
         return False
     if ctx is not None and ctx.is_disconnect:
@@ -87,13 +88,18 @@ def _unavailable(exc: BaseException | None, ctx: ExceptionContext | None = None)
         # without a SQLSTATE (there is no server to send one).
         if sqlstate is None and "sqlite" not in type(exc).__module__:
             return True
-    # asyncpg raises its own classes, some wrapping an OSError.
-    return _unavailable(exc.__cause__) if exc.__cause__ is not exc else False
+    # asyncpg raises its own classes: a use of a connection the server dropped is an
+    # InterfaceError without a SQLSTATE; others wrap an OSError.
+    if name == "InterfaceError" and type(exc).__module__.startswith("asyncpg") and "connection is closed" in message:
+        return True
+    return is_unavailable(exc.__cause__) if exc.__cause__ is not exc else False
 
 
 def _translate_error(ctx: ExceptionContext) -> None:
+    if ctx.is_pre_ping:  # the pool's liveness check: it reconnects by itself on a disconnect
+        return
     original = ctx.original_exception
-    if _unavailable(original, ctx):
+    if is_unavailable(original, ctx):
         raise DatabaseUnavailable(f"database unavailable: {original}".strip()) from (
             ctx.sqlalchemy_exception or original
         )

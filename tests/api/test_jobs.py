@@ -335,3 +335,34 @@ async def test_metrics_logs_checkpoints(client, make_token, db, settings, tmp_pa
     path.unlink()
     gone = await client.get(listed[0]["url"], headers=auth(token))
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
+
+
+async def test_submission_after_the_server_dropped_its_connections(client, make_token, settings, db):
+    # Pooled connections the server killed: each costs one 503 (it is discarded, never
+    # reused), and submissions work again once the pool has reconnected. Nothing is lost:
+    # every 201 is a row.
+    if not settings.database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL: terminating server backends")
+    import psycopg
+    import sqlalchemy as sa
+
+    token = make_token()
+    assert (await client.post("/v1/jobs", json=JOB, headers=auth(token))).status_code == 201
+    name = sa.make_url(settings.database_url).database
+    admin_url = sa.make_url(settings.database_url).set(database="postgres").render_as_string(hide_password=False)
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        ).fetchone()[0]
+    assert killed >= 1
+    statuses = []
+    for _ in range(settings.db_pool_size + settings.db_max_overflow + 2):
+        r = await client.post("/v1/jobs", json=JOB, headers=auth(token))
+        statuses.append(r.status_code)
+        if r.status_code == 201:
+            break
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable", r.text
+    assert statuses[-1] == 201 and 503 in statuses, statuses
+    db.expire_all()
+    assert repo.count_queued(db, repo.get_or_create_project(db, "demo").id) == 2

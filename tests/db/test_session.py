@@ -95,6 +95,19 @@ def test_connection_lost_mid_session_is_database_unavailable(postgresql_url: str
     engine.dispose()
 
 
+def test_pooled_connections_the_server_dropped_are_replaced(postgresql_url: str) -> None:
+    # A database restart kills every pooled connection: the pool's pre-ping must see the
+    # disconnect and reconnect, not surface it as an error on the next checkout.
+    engine = make_engine(postgresql_url)
+    with engine.connect() as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    with make_engine(postgresql_url).connect() as killer:
+        killer.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() != pid
+    engine.dispose()
+
+
 def test_session_scope_commits_or_rolls_back(db_url: str, session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("UNROLL_DATABASE_URL", db_url)
     db_session.dispose_engines()
