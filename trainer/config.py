@@ -138,15 +138,20 @@ class ClipConfig(Section):
         return self
 
 
+# Rates act on float32 parameters: a larger one cannot even be applied (torch raises an
+# overflow, which would look like a crash of the worker rather than a bad config).
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 class OptimConfig(Section):
     name: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: float = Field(0.003, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    lr: float = Field(0.003, gt=0.0, le=FLOAT32_MAX)
+    weight_decay: float = Field(0.0, ge=0.0, le=FLOAT32_MAX)
     momentum: float = Field(0.0, ge=0.0, lt=1.0)  # sgd only
     betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
     schedule: Literal["constant", "cosine", "step", "plateau"] = "constant"
     warmup_steps: int = Field(0, ge=0)
-    min_lr: float = Field(0.0, ge=0.0)  # cosine floor
+    min_lr: float = Field(0.0, ge=0.0, le=FLOAT32_MAX)  # cosine floor
     step_size: int = Field(1000, ge=1)  # step: updates between decays
     gamma: float = Field(0.1, gt=0.0, le=1.0)  # step and plateau: decay factor
     patience: int = Field(2, ge=0)  # plateau: evaluations without improvement

@@ -190,13 +190,15 @@ class MlflowTracker(Callback):
         if found:
             run_id = found[0].info.run_id
             client.update_run(run_id, status="RUNNING")
-            return run_id
-        run = client.create_run(experiment_id, run_name=self.config.get("name") or self.job_id, tags={JOB_TAG: self.job_id})
+        else:
+            run_id = client.create_run(experiment_id, run_name=self.config.get("name") or self.job_id, tags={JOB_TAG: self.job_id}).info.run_id
+        # Every attempt logs them (the same values again are accepted): an attempt lost
+        # before its first flush must not leave the run without its config.
         with self._lock:
             self._params.update(flatten({k: v for k, v in self.config.items() if k not in ("name", "tags")}))
             for tag in self.config.get("tags") or []:
                 self._tags[f"unroll.tag.{tag}"] = "1"
-        return run.info.run_id
+        return run_id
 
     def _flush(self, client) -> None:
         from mlflow.entities import Metric, Param, RunTag

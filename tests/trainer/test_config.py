@@ -46,6 +46,7 @@ def with_(**sections) -> dict:
         (with_(clip={"mode": "value", "value": 1, "per_parameter": True}), "clip.per_parameter", "norm only"),
         (with_(optim={"name": "lion"}), "optim.name", "sgd"),
         (with_(optim={"lr": -1}), "optim.lr", "> 0"),
+        (with_(optim={"lr": 1e300}), "optim.lr", "<= 3.4"),  # past float32: not a worker crash
         (with_(train={"max_steps": 10, "epochs": 1}), "train.epochs", "not both"),
         (with_(train={"precision": "fp8"}), "train.precision", "fp32"),
         (with_(resources={"gpus": -1}), "resources.gpus", ">= 0"),
