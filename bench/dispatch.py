@@ -35,9 +35,7 @@ import sqlalchemy as sa  # noqa: E402
 
 from service.client import Client  # noqa: E402
 from service.db.migrate import upgrade  # noqa: E402
-from workers.ray_auth import use_ray_token  # noqa: E402
-
-use_ray_token()  # Ray's job client (imported later) authenticates like our dispatcher
+from service.up import write_secret  # noqa: E402
 
 POSTGRES_ADMIN_URL = os.environ.get("UNROLL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 RUN_TAG = f"bench-{secrets.token_hex(3)}"
@@ -97,6 +95,11 @@ class Stack:
             self.database_url = f"sqlite:///{work / 'unroll.db'}"
         upgrade(self.database_url)
         self.ray_port, self.dash_port, self.api_port = free_port(), free_port(), free_port()
+        # Ray's token of this run (a fresh machine has no ~/.ray/auth_token), for the head,
+        # our processes, and Ray's job client in this process.
+        token_path = work / "ray-auth-token"
+        write_secret(token_path, secrets.token_hex(32))
+        os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)})
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("UNROLL_")}
         self.env.update({
             "RAY_AUTH_MODE": "token",
@@ -166,13 +169,21 @@ def unroll_latency(client: Client, samples: int) -> list[float]:
     return latencies
 
 
-def unroll_throughput(client: Client, count: int) -> tuple[float, int]:
+def unroll_throughput(client: Client, count: int) -> tuple[float, int, dict[str, float]]:
+    """Jobs per second from the first submission to the last finish, the number that
+    succeeded, and where the time went (medians over the jobs, in seconds)."""
     start = time.time()
     with ThreadPoolExecutor(8) as pool:
         ids = [job["id"] for job in pool.map(lambda _: client.submit(TINY), range(count))]
+    submitted = time.time()
     jobs = wait_done(client, ids)
     end = max(parse_time(j["finished_at"]) for j in jobs)
-    return count / (end - start), sum(j["state"] == "succeeded" for j in jobs)
+    detail = {
+        "submit_all_s": submitted - start,
+        "run_s_median": statistics.median(parse_time(j["finished_at"]) - parse_time(j["started_at"]) for j in jobs),
+        "slot_s": 2 * (end - start) / count,  # wall time per job per CPU slot (2 slots)
+    }
+    return count / (end - start), sum(j["state"] == "succeeded" for j in jobs), detail
 
 
 def ray_jobs(dash_port: int, samples: int, count: int) -> dict:
@@ -219,7 +230,7 @@ def main() -> None:
         client = Client(url, token)
         wait_done(client, [client.submit(TINY)["id"] for _ in range(4)])  # warm: Ray workers import torch once
         latencies = unroll_latency(client, args.latency_samples)
-        throughput, succeeded = unroll_throughput(client, args.jobs)
+        throughput, succeeded, detail = unroll_throughput(client, args.jobs)
         ray = ray_jobs(stack.dash_port, max(3, args.latency_samples // 3), args.ray_jobs)
     finally:
         stack.down()
@@ -233,11 +244,13 @@ def main() -> None:
     print(f"{'measure':32} {'unroll':>10} {'Ray jobs API':>14} {'target':>8}")
     for name, ours, theirs, target in rows:
         print(f"{name:32} {ours:10.3f} {theirs:14.3f} {target:>8}")
-    print(f"({succeeded}/{args.jobs} tiny jobs succeeded; logs in {work})")
+    print(f"({succeeded}/{args.jobs} tiny jobs succeeded; submitting them took {detail['submit_all_s']:.2f} s;"
+          f" a job ran {detail['run_s_median'] * 1000:.0f} ms (median) and held a CPU slot {detail['slot_s'] * 1000:.0f} ms;"
+          f" logs in {work})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "unroll": {"latencies_s": latencies, "p50_s": statistics.median(latencies), "p95_s": percentile(latencies, 0.95),
-                   "jobs_per_s": throughput, "succeeded": succeeded, "jobs": args.jobs},
+                   "jobs_per_s": throughput, "succeeded": succeeded, "jobs": args.jobs, **detail},
         "ray_jobs_api": {"latencies_s": ray["latencies"], "p50_s": statistics.median(ray["latencies"]),
                          "p95_s": percentile(ray["latencies"], 0.95), "jobs_per_s": ray["jobs_per_s"]},
         "database": stack.database_url.split(":")[0], "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),

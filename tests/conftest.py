@@ -1,6 +1,8 @@
 """Shared Redis fixtures (only these: other fixtures live in each package's conftest), and
 the Ray token of the test session.
 
+- ``database_url`` (module): a migrated throwaway PostgreSQL database on the local server
+  (``UNROLL_TEST_POSTGRES_URL``), dropped after the module; SQLite when no server answers.
 - Ray: every cluster the tests start (heads, drivers, Ray Train groups) uses token auth,
   Ray's default, with one token written for the session (pytest_configure, before anything
   imports ray). A fresh machine has no ~/.ray/auth_token, and a head started without a
@@ -179,3 +181,32 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+# --- a database for the end-to-end suites ---------------------------------------------------
+
+POSTGRES_ADMIN_URL = os.environ.get("UNROLL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="module")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A migrated throwaway PostgreSQL database (production's), or SQLite without a server."""
+    import psycopg
+    import sqlalchemy as sa
+
+    from service.db.migrate import upgrade
+
+    name = f"unroll_test_{secrets.token_hex(5)}"
+    try:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.Error:
+        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'unroll.db'}"
+        upgrade(url)
+        yield url
+        return
+    url = sa.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    yield url
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -33,6 +33,7 @@ resumes the jobs from their checkpoints.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -66,6 +67,10 @@ log = logging.getLogger("unroll.dispatcher")
 MAINTENANCE_EVERY_S = 1.0
 RECONCILE_EVERY_S = 5.0
 HEARTBEAT_TTL_S = 15
+# How long after one of our tasks ended Ray may still count its resources as taken
+# (raylets report to the GCS every 100 ms by default).
+RAY_RELEASE_LAG_S = 0.25
+CLUSTER_VIEW_TTL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,13 @@ class Needs:
         return f"{group}{self.cpus:g} CPU{gpus}"
 
 
+@dataclass(frozen=True)
+class ClusterView:
+    nodes: list[dict[str, float]]  # each alive node's resources
+    totals: dict[str, float]  # the cluster's
+    at: float  # monotonic time asked
+
+
 @dataclass
 class Running:
     job_id: str
@@ -138,6 +150,9 @@ class Dispatcher:
         self._capacity = asyncio.Event()
         self._remote: Any = None
         self._last_reconcile = 0.0
+        # (monotonic time, CPUs, GPUs) of our tasks that ended lately (see free())
+        self._released: collections.deque[tuple[float, float, float]] = collections.deque()
+        self._cluster_view = ClusterView([], {}, 0.0)
         self.metrics = DispatcherMetrics()
 
     # -- plumbing -----------------------------------------------------------------------
@@ -221,7 +236,7 @@ class Dispatcher:
             await self._wait_for_capacity()
             return
         needs = Needs.of(job["config"])
-        totals = await asyncio.to_thread(_node_totals)
+        totals = (await asyncio.to_thread(self._cluster)).nodes
         if not needs.fits_nodes(totals):
             biggest = max(totals, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
             await self._set_reason(job_id, f"no node can hold {needs.describe()} (largest node: {biggest.get('CPU', 0):g} CPU, {biggest.get('GPU', 0):g} GPU)")
@@ -258,19 +273,36 @@ class Dispatcher:
         """Resources free for a new task. Ray's own count lags behind the tasks we just
         submitted, so what our running tasks hold is subtracted from the cluster's total
         too, and the smaller of the two is taken (other dispatchers show up in Ray's)."""
-        available, total = await asyncio.to_thread(lambda: (ray.available_resources(), ray.cluster_resources()))
+        available, total = await asyncio.to_thread(lambda: (ray.available_resources(), self._cluster().totals))
         runs = self.running.values()
         ours = {"CPU": sum(r.needs.cpus * r.needs.workers for r in runs), "GPU": sum(r.needs.gpus * r.needs.workers for r in runs)}
-        return {k: min(available.get(k, 0.0), total.get(k, 0.0) - ours[k]) for k in ("CPU", "GPU")}
+        unused = {k: total.get(k, 0.0) - ours[k] for k in ("CPU", "GPU")}  # by our own count
+        # Ray's count reaches the GCS up to ~100 ms after a task ends (its raylets report
+        # periodically): what our own tasks gave back within RAY_RELEASE_LAG_S is credited,
+        # or a slot stayed idle that long per job. Where Ray had already counted it, this
+        # over-offers at most what we just released, for that moment (Ray then queues the
+        # task briefly).
+        now = time.monotonic()
+        while self._released and now - self._released[0][0] > RAY_RELEASE_LAG_S:
+            self._released.popleft()
+        credit = {"CPU": sum(r[1] for r in self._released), "GPU": sum(r[2] for r in self._released)}
+        return {k: min(available.get(k, 0.0) + credit[k], unused[k]) for k in unused}
 
     async def _wait_for_capacity(self, timeout: float = 0.1) -> None:
-        """Until one of our tasks ends, or `timeout`: Ray frees a finished task's
-        resources a moment after it returns, and other dispatchers' tasks end unseen."""
+        """Until one of our tasks ends, or `timeout` (other dispatchers' tasks end unseen)."""
         self._capacity.clear()
         try:
             await asyncio.wait_for(self._capacity.wait(), timeout=timeout)
         except TimeoutError:
             pass
+
+    def _cluster(self) -> ClusterView:
+        """The nodes and the cluster's total resources, asked of Ray at most once per
+        CLUSTER_VIEW_TTL_S (they change when nodes come and go, not per job)."""
+        view = self._cluster_view
+        if time.monotonic() - view.at > CLUSTER_VIEW_TTL_S:
+            view = self._cluster_view = ClusterView(_node_totals(), ray.cluster_resources(), time.monotonic())
+        return view
 
     async def _set_reason(self, job_id: str, reason: str | None) -> None:
         if self.pending_reasons.get(job_id) != reason:
@@ -291,6 +323,7 @@ class Dispatcher:
             await self._requeue(run.job_id, run.attempt, reason, require_expired=False)
         finally:
             self.running.pop(run.job_id, None)
+            self._released.append((time.monotonic(), run.needs.cpus * run.needs.workers, run.needs.gpus * run.needs.workers))
             self._capacity.set()
 
     async def _requeue(self, job_id: str, attempt: int, reason: str, *, require_expired: bool) -> JobState | None:
@@ -343,14 +376,11 @@ class Dispatcher:
     async def _hand_back(self) -> None:
         """On a clean stop, the attempts we run go back to the queue at once instead of
         when their leases expire: Ray ends their tasks with this process, and the next
-        dispatcher resumes them from their last checkpoint. (A hand-back counts as an
-        attempt, like any lost worker.)"""
+        dispatcher resumes them from their last checkpoint. (A hand-back does not count
+        against the job's max_attempts: nothing failed.)"""
         for run in list(self.running.values()):
             try:
-                state = await self.db(
-                    states.requeue_lost, run.job_id, run.attempt, reason="dispatcher stopped",
-                    backoff_seconds=0.0, require_expired=False,
-                )
+                state = await self.db(states.hand_back, run.job_id, run.attempt)
             except Exception as exc:  # noqa: BLE001 - its lease expires instead
                 log.warning("job %s attempt %d not handed back (its lease will expire): %s", run.job_id, run.attempt, exc, extra=_ctx(run.job_id, run.attempt, self.name))
                 continue

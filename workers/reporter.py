@@ -13,13 +13,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import events
-from service.artifacts import ArtifactStore
+from service.artifacts import ArtifactStore, Stored
 from service.db import repo, states
 from service.db.errors import StaleAttempt
 from service.keys import Keys
@@ -156,14 +156,16 @@ class JobReporter(Callback):
         self.stale = True
         raise AttemptStale()
 
-    def flush(self) -> None:
-        """Write what is buffered: metrics, log lines and progress in one transaction,
-        then any checkpoints. Safe to call from any thread, one at a time."""
+    def flush(self, then: Callable[[Session], None] | None = None) -> None:
+        """Write what is buffered in one transaction: metrics, log lines, progress and the
+        records of any checkpoints (their files are stored first), and `then(session)`
+        last, when given (the attempt's finish). Safe to call from any thread, one at a
+        time."""
         if self.stale:
             raise AttemptStale()
         # One snapshot under the lock: a checkpoint is taken after its step's metrics were
-        # buffered, so it is written only after those metrics are committed. (A checkpoint
-        # recorded ahead of its metrics would let a resumed attempt skip them for good.)
+        # buffered, and its record commits with them (never ahead of them: a checkpoint
+        # recorded without its metrics would let a resumed attempt skip them for good).
         with self._lock:
             points, self._points = self._points, []
             lines, self._lines = self._lines, []
@@ -171,6 +173,9 @@ class JobReporter(Callback):
             step = self._step
         a = self.attempt
         try:
+            # Files first (named by attempt, so a refused or failed transaction leaves only
+            # an unreferenced file); the database records them with the metrics.
+            stored = [(step_, self._store_checkpoint(step_, state)) for step_, state in checkpoints]
             with a.sessions.begin() as session:
                 if points:
                     repo.insert_metrics(session, a.job_id, a.number, points)
@@ -178,10 +183,14 @@ class JobReporter(Callback):
                     repo.append_logs(session, a.job_id, a.number, lines)
                 if not states.update_progress(session, a.job_id, a.number, step):
                     raise StaleAttempt(a.job_id, a.number)
+                for step_, file in stored:
+                    repo.add_checkpoint(session, a.job_id, a.number, step=step_, uri=file.uri, bytes=file.bytes, sha256=file.sha256)
+                if then is not None:
+                    then(session)
         except StaleAttempt:
             self._mark_stale()
         except Exception:
-            with self._lock:  # keep them for the next try
+            with self._lock:  # the store or the database is away: keep them for the next try
                 self._points[:0] = points
                 self._lines[:0] = lines
                 self._checkpoints[:0] = checkpoints
@@ -189,39 +198,26 @@ class JobReporter(Callback):
         if points:
             progress = step / self.max_steps if self.max_steps else None
             a.publish({"type": "progress", "step": step, "max_steps": self.max_steps, "progress": progress, "loss": self._last_loss})
-        for i, (step_, state) in enumerate(checkpoints):
-            try:
-                self._write_checkpoint(step_, state)
-            except AttemptStale:
-                raise
-            except Exception:
-                with self._lock:  # the store or the database is away: retry these later
-                    self._checkpoints[:0] = checkpoints[i:]
-                raise
 
-    def _write_checkpoint(self, step: int, state: dict[str, Any]) -> None:
+    def _store_checkpoint(self, step: int, state: dict[str, Any]) -> Stored:
         a = self.attempt
         # The attempt is in the name: a zombie can never overwrite a live attempt's file.
         uri = a.store.uri("jobs", a.job_id, "checkpoints", f"step-{step:08d}-a{a.number}.pt")
-        stored = a.store.put_bytes(uri, ckpt.to_bytes(state))
-        try:
-            with a.sessions.begin() as session:
-                repo.add_checkpoint(session, a.job_id, a.number, step=step, uri=stored.uri, bytes=stored.bytes, sha256=stored.sha256)
-        except StaleAttempt:
-            self._mark_stale()
+        return a.store.put_bytes(uri, ckpt.to_bytes(state))
 
     def abandon(self) -> None:
         """Stop the thread and write nothing more (the attempt is stale)."""
         self._stop.set()
         self._thread.join()
 
-    def close(self, summary: Summary | None = None) -> None:
-        """Stop the thread and write everything left (raises AttemptStale if refused)."""
+    def close(self, summary: Summary | None = None, then: Callable[[Session], None] | None = None) -> None:
+        """Stop the thread and write everything left, with `then(session)` in the same
+        transaction (raises AttemptStale if refused)."""
         self.abandon()
         if summary is not None:
             now = time.time()
             with self._lock:
                 self._points.append(repo.MetricPoint("system/peak_memory_bytes", summary.steps, float(summary.peak_memory_bytes), now))
                 self._points.append(repo.MetricPoint("system/wall_s", summary.steps, summary.wall_s, now))
-        self.flush()
+        self.flush(then)
 

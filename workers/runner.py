@@ -145,16 +145,20 @@ def _finish(reporter: JobReporter, state: JobState, *, error: str | None = None,
     attempt = reporter.attempt
     if error:
         reporter.log(f"failed: {error}", level="error")
+    finished: list[bool] = []
+
+    def finish(session) -> None:
+        finished.append(states.finish(
+            session, attempt.job_id, attempt.number, state, error,
+            summary=summary.to_dict() if summary is not None else None,
+        ))
+
     try:
-        reporter.close(summary)
-        with attempt.sessions.begin() as session:
-            done = states.finish(
-                session, attempt.job_id, attempt.number, state, error,
-                summary=summary.to_dict() if summary is not None else None,
-            )
+        # The last metrics, logs and checkpoint and the outcome: one transaction.
+        reporter.close(summary, then=finish)
     except AttemptStale:
         return "stale"
-    if not done:
+    if not finished or not finished[0]:
         return "stale"
     attempt.publish({"type": "state", "state": state.value, "attempt": attempt.number, "error": error})
     return state.value

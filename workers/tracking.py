@@ -138,9 +138,11 @@ class MlflowTracker(Callback):
                 del self._points[: len(self._points) - MAX_BUFFERED]
 
     def abort(self, failed: bool) -> None:
-        # A job error ends the run FAILED (worth waiting for); after an infrastructure
-        # failure the run stays open for the next attempt and nothing is waited for.
-        self.close("FAILED", wait=True) if failed else self.close(None, wait=False)
+        # A job error ends the run FAILED; after an infrastructure failure the run stays
+        # open for the next attempt. Either way the attempt's last metrics are sent first
+        # (within CLOSE_TIMEOUT_S): the next attempt resumes from a checkpoint and never
+        # recomputes the steps before it, so only this attempt can log them.
+        self.close("FAILED" if failed else None)
 
     def close(self, status: str | None = None, *, wait: bool = True) -> None:
         """Send what is left and end the run with `status` (None: leave it running, for a

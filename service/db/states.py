@@ -3,6 +3,7 @@
     queued ──claim──▶ running ──finish──▶ succeeded | failed | cancelled
       ▲                  │                                  │
       └──requeue_lost────┘            failed | cancelled ──retry──▶ queued
+         (or hand_back)
 
 Every transition is one conditional UPDATE whose WHERE clause holds the from-state (and,
 for anything an attempt does, the attempt number), so it is safe with any number of
@@ -15,7 +16,8 @@ Attempts: `jobs.attempt` counts claims. A claim turns queued into running with
 attempt + 1, so a job that lost its worker at attempt n goes back to queued still showing
 n, and its next claim runs as n + 1 (SPEC §4). The number only grows (a retry keeps it), so
 an old attempt can never pass the fence again. Only tries after the last retry count
-against max_attempts (`retry_base`).
+against max_attempts (`retry_base`), and not those a dispatcher handed back on a clean
+stop (hand_back moves `retry_base` up by one).
 
 Timestamps come from the caller's clock (`now`, default: this machine's UTC time);
 dispatchers and workers are assumed NTP-synchronised, well within a lease.
@@ -190,6 +192,14 @@ def expired_leases(session: Session, now: datetime | None = None, *, limit: int 
     return [ExpiredLease(*row) for row in rows]
 
 
+def hand_back(session: Session, job_id: str, attempt: int, *, now: datetime | None = None) -> JobState | None:
+    """running → queued for an attempt its dispatcher stopped on purpose (a clean stop): it
+    resumes from its last checkpoint at the next claim, at once, and the interrupted try
+    does not count against max_attempts. A cancel requested meanwhile ends it cancelled.
+    Returns the new state, or None when refused (the attempt is no longer running)."""
+    return requeue_lost(session, job_id, attempt, now=now, reason="handed back: its dispatcher stopped", require_expired=False, counted=False)
+
+
 def requeue_lost(
     session: Session,
     job_id: str,
@@ -199,6 +209,7 @@ def requeue_lost(
     reason: str = "worker lost: lease expired",
     backoff_seconds: float = 0.0,
     require_expired: bool = True,
+    counted: bool = True,
 ) -> JobState | None:
     """running → queued for an attempt whose worker is lost; it resumes from its last
     checkpoint at the next claim (as attempt + 1), not before `backoff_seconds`.
@@ -206,10 +217,11 @@ def requeue_lost(
     If the job has used all its attempts it fails instead, and if a cancel was requested it
     ends cancelled. Returns the new state, or None when refused (the attempt is no longer
     running — or, with `require_expired`, its lease was renewed meanwhile: the worker is
-    alive after all).
+    alive after all). `counted=False` (hand_back): the attempt is not held against
+    max_attempts.
     """
     now = now or utcnow()
-    exhausted = Job.attempt - Job.retry_base >= Job.max_attempts
+    exhausted = (Job.attempt - Job.retry_base >= Job.max_attempts) if counted else sa.false()
     cancelling = Job.cancel_requested_at.is_not(None)
     new_state = sa.case(
         (cancelling, _state(JobState.CANCELLED)),
@@ -231,6 +243,7 @@ def requeue_lost(
                 else_=sa.null(),
             ),
             finished_at=sa.case((requeued, sa.null()), else_=sa.literal(now, Job.finished_at.type)),
+            retry_base=Job.retry_base if counted else sa.case((requeued, Job.retry_base + 1), else_=Job.retry_base),
             not_before=(
                 sa.case(
                     (requeued, sa.literal(now + timedelta(seconds=backoff_seconds), Job.not_before.type)),

@@ -24,20 +24,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
-import sqlalchemy as sa
 
 from service.dashboard import built
 from service.db import repo
-from service.db.migrate import upgrade
 from service.db.session import make_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path(os.environ.get("UNROLL_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SCREENSHOTS = ROOT / "test-output" / "screenshots"
-POSTGRES_ADMIN_URL = os.environ.get("UNROLL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 FINAL = {"succeeded", "failed", "cancelled"}
 
 
@@ -57,25 +53,6 @@ def _needs_browser() -> None:
         pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (or set UNROLL_TEST_CHROMIUM)")
     if not built():
         pytest.skip("the dashboard is not built: run `make dashboard` (npm ci && npm run build in frontend/)")
-
-
-@pytest.fixture(scope="module")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A throwaway PostgreSQL database, or SQLite when no server answers."""
-    name = f"unroll_dashboard_{secrets.token_hex(5)}"
-    try:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.Error:
-        url = f"sqlite:///{tmp_path_factory.mktemp('dashboard-db') / 'unroll.db'}"
-        upgrade(url)
-        yield url
-        return
-    url = sa.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    yield url
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class Stack:

@@ -266,3 +266,20 @@ def test_transitions_leave_no_orphan_attempt_rows(session: Session) -> None:
     states.claim(session, job.id, "w", 30)  # refused: no second attempt row
     count = session.execute(sa.select(sa.func.count()).select_from(Attempt)).scalar_one()
     assert count == 1
+
+
+def test_a_handed_back_attempt_does_not_count_against_max_attempts(session: Session) -> None:
+    job, attempt = make_running(session, max_attempts=1)
+    assert states.hand_back(session, job.id, attempt) is JobState.QUEUED  # not failed: nothing did
+    assert states.hand_back(session, job.id, attempt) is None  # no longer running
+    second = states.claim(session, job.id, "w2", 30)
+    assert second == attempt + 1 and fresh(session, job.id).not_before is None
+    # A real loss of the one counted try fails the job.
+    assert states.requeue_lost(session, job.id, second, require_expired=False) is JobState.FAILED
+    assert "no attempts left" in fresh(session, job.id).error
+
+
+def test_a_hand_back_with_a_cancel_requested_ends_cancelled(session: Session) -> None:
+    job, attempt = make_running(session)
+    states.request_cancel(session, job.id)
+    assert states.hand_back(session, job.id, attempt) is JobState.CANCELLED

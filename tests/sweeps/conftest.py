@@ -17,19 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 import redis as redis_sync
 import sqlalchemy as sa
 
 from service.db import repo
-from service.db.migrate import upgrade
 from service.db.session import make_engine
 from sqlalchemy.orm import Session
 
 ROOT = Path(__file__).resolve().parents[2]
 UNROLL = [sys.executable, "-m", "service.cli"]
-POSTGRES_ADMIN_URL = os.environ.get("UNROLL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def _free_port() -> int:
@@ -83,24 +80,6 @@ class Service:
 
     def tails(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.logs if p.exists())
-
-
-@pytest.fixture(scope="module")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    name = f"unroll_sweeps_{secrets.token_hex(5)}"
-    try:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.Error:
-        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'unroll.db'}"
-        upgrade(url)
-        yield url
-        return
-    url = sa.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    yield url
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="module")

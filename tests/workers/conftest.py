@@ -14,20 +14,16 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 import redis as redis_sync
-import sqlalchemy as sa
 from sqlalchemy.orm import sessionmaker
 
 from service.db import repo
-from service.db.migrate import upgrade
 from service.db.models import Job, JobState
 from service.db.session import make_engine
 from service.queue import JobQueue
 
 ROOT = Path(__file__).resolve().parents[2]
-POSTGRES_ADMIN_URL = os.environ.get("UNROLL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 LEASE_SECONDS = 3
 
 
@@ -69,25 +65,6 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         subprocess.run(["rm", "-rf", temp_dir])
-
-
-@pytest.fixture(scope="module")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A throwaway PostgreSQL database (production's) or, without a server, SQLite."""
-    name = f"unroll_workers_{secrets.token_hex(5)}"
-    try:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.Error:
-        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'unroll.db'}"
-        upgrade(url)
-        yield url
-        return
-    url = sa.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    yield url
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class Stack:
