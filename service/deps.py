@@ -45,7 +45,10 @@ def _admin_secret(runtime: Runtime) -> str | None:
     return secret.get_secret_value() if secret is not None else None
 
 
-async def get_project(runtime: RuntimeDep, credentials: Credentials) -> auth.Principal:
+async def get_project(request: Request, credentials: Credentials) -> auth.Principal:
+    # The runtime straight from the app, not as a sub-dependency: every route resolves
+    # this one, and each dependency FastAPI walks costs the submission path measurably.
+    runtime: Runtime = request.app.state.runtime
     token = credentials.credentials if credentials is not None else None
     return await auth.authenticate(token, runtime.sessions, runtime.tokens, _admin_secret(runtime))
 

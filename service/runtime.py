@@ -9,12 +9,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.artifacts import ArtifactStore
 from service.auth import TokenCache
+from service.batching import Batcher
 from service.db import repo
 from service.db.session import make_async_engine
+from service.db.submit import JobInserts
 from service.keys import Keys
 from service.metrics import Metrics
 from service.queue import JobQueue
@@ -39,6 +42,8 @@ class Runtime:
     tokens: TokenCache
     quota: QueuedCounter
     metrics: Metrics
+    inserts: JobInserts  # submissions, group-committed
+    enqueues: Batcher[tuple[str, int], bool]  # their queue writes, likewise
 
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[AsyncSession]:
@@ -80,15 +85,18 @@ def open_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         health_check_interval=30,
     )
+    queue = JobQueue(redis, settings.redis_prefix)
     return Runtime(
         settings=settings,
         engine=engine,
         sessions=async_sessionmaker(engine, expire_on_commit=False),
         redis=redis,
-        queue=JobQueue(redis, settings.redis_prefix),
+        queue=queue,
         keys=Keys(settings.redis_prefix),
         store=ArtifactStore(settings.artifacts),
         tokens=TokenCache(settings.token_cache_seconds),
         quota=QueuedCounter(),
         metrics=metrics,
+        inserts=JobInserts(engine),
+        enqueues=Batcher(queue.enqueue_many, shared=lambda exc: isinstance(exc, (RedisError, OSError))),
     )

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
 
 from service import events as job_events
-from service.db import repo, states, submit
+from service.db import repo, states
 from service.db.errors import NotFound
 from service.db.models import JobState
 from service.deps import ProjectDep, RuntimeDep
@@ -32,7 +32,7 @@ from service.schemas import (
     MetricSeries,
     StateName,
 )
-from service.submission import check_config, check_dataset, read_json, stored_config
+from service.submission import check_config, check_dataset, data_field, read_json, stored_config
 
 log = logging.getLogger("unroll.api")
 
@@ -52,8 +52,8 @@ async def enqueue_after_commit(runtime: Runtime, jobs: list[tuple[str, int]]) ->
     if not jobs:
         return
     try:
-        if len(jobs) == 1:
-            await runtime.queue.enqueue(*jobs[0])
+        if len(jobs) == 1:  # a submission: batched with concurrent ones
+            await runtime.enqueues.submit(jobs[0])
         else:
             await runtime.queue.enqueue_many(jobs)
     except (RedisError, OSError) as exc:
@@ -92,9 +92,7 @@ _JOB_BODY = {
 )
 async def submit_job(
     request: Request,
-    response: Response,
     project: ProjectDep,
-    runtime: RuntimeDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -104,31 +102,36 @@ async def submit_job(
             description="Repeats with the same key (per project) return the first job with 200",
         ),
     ] = None,
-) -> JobPublic | Response:
+) -> Response:
+    # The hottest route: no dependency beyond the caller's project (the runtime is the
+    # app's), and the answer serialized once here (returning the model would have FastAPI
+    # dump, re-validate and dump it again).
+    runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
     config = check_config(await read_json(request), settings)
     project_id = project.project_id
     # The common submission (no key, no dataset, the quota estimate trusted) touches the
-    # database once: the INSERT, committed by itself (service.db.submit).
-    if idempotency_key is not None or getattr(config.data, "dataset", None) is not None:
+    # database once: the INSERT, committed by itself and batched with concurrent ones
+    # (service.db.submit).
+    if idempotency_key is not None or data_field(config, "dataset") is not None:
         async with runtime.autocommit() as session:
             if idempotency_key is not None:
                 existing = await session.run_sync(repo.get_job_by_idempotency_key, project_id, idempotency_key)
                 if existing is not None:
-                    response.status_code = status.HTTP_200_OK
-                    return JobPublic.of(existing)
+                    return _job_response(existing, status.HTTP_200_OK)
             await check_dataset(session, config, project_id)
     await runtime.quota.check(project_id, 1, settings.max_queued_per_project, runtime.count_queued)
-    job, created = await submit.insert_job(runtime.engine, _job_values(project_id, config, idempotency_key))
+    job, created = await runtime.inserts.insert(_job_values(project_id, config, idempotency_key))
     if not created:  # lost a race with the same key: the winner's job, as a repeat
-        response.status_code = status.HTTP_200_OK
-        return JobPublic.of(job)
+        return _job_response(job, status.HTTP_200_OK)
     runtime.quota.added(project_id, 1)
     runtime.metrics.submissions.inc()
     await enqueue_after_commit(runtime, [(job.id, job.priority)])
-    # Serialized once here (the hot path): returning the model would have FastAPI dump,
-    # re-validate and dump it again.
-    return Response(JobPublic.of(job).model_dump_json(), status_code=201, media_type="application/json")
+    return _job_response(job, status.HTTP_201_CREATED)
+
+
+def _job_response(job, status_code: int) -> Response:
+    return Response(JobPublic.of(job).model_dump_json(), status_code=status_code, media_type="application/json")
 
 
 def job_fields(config) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from service.errors import ApiError, Invalid
 from service.errors import responses as error_responses
 from service.quota import counter
 from service.schemas import SweepCancelled, SweepCreate, SweepJob, SweepPublic
-from service.submission import check_config, check_dataset
+from service.submission import check_config, check_dataset, data_field
 from service.api.jobs import enqueue_after_commit, job_fields
 from trainer.config import JobConfig
 
@@ -111,7 +111,7 @@ async def create_sweep(body: SweepCreate, project: ProjectDep, runtime: RuntimeD
     async with runtime.sessions() as session, session.begin():
         checked: set[str] = set()
         for config, _, _ in configs:
-            dataset = getattr(config.data, "dataset", None)
+            dataset = data_field(config, "dataset")
             if dataset is not None and dataset not in checked:
                 checked.add(dataset)
                 await check_dataset(session, config, project.project_id, prefix="base.")
