@@ -58,15 +58,23 @@ class Batcher(Generic[T, R]):
 
     async def _write(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:
-            results = await self._write_batch([item for item, _ in batch])
-        except Exception as exc:  # noqa: BLE001 - handed to the callers
-            if len(batch) > 1 and not self._shared(exc):
-                await asyncio.gather(*(self._write([entry]) for entry in batch))
+            try:
+                results = list(await self._write_batch([item for item, _ in batch]))
+                if len(results) != len(batch):
+                    raise RuntimeError(f"a batch of {len(batch)} items gave {len(results)} results")
+            except Exception as exc:  # noqa: BLE001 - handed to the callers
+                if len(batch) > 1 and not self._shared(exc):
+                    await asyncio.gather(*(self._write([entry]) for entry in batch))
+                    return
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
                 return
+            for (_, done), result in zip(batch, results):
+                if not done.done():  # a cancelled caller
+                    done.set_result(result)
+        finally:
+            # Never leave a caller waiting (this task cancelled, say, at shutdown).
             for _, done in batch:
                 if not done.done():
-                    done.set_exception(exc)
-            return
-        for (_, done), result in zip(batch, results, strict=True):
-            if not done.done():  # a cancelled caller
-                done.set_result(result)
+                    done.set_exception(RuntimeError("the write of this item was interrupted"))
