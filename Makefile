@@ -35,10 +35,16 @@ dashboard: $(DASHBOARD)
 browser:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
-install: $(STAMP) $(DASHBOARD)
+# The text examples' corpus: generated (deterministic), never committed.
+CORPUS := examples/data/pets.txt
+
+$(CORPUS): examples/make_corpus.py | $(PY)
+	$(PY) examples/make_corpus.py
+
+install: $(STAMP) $(DASHBOARD) $(CORPUS)
 
 # `python -m service.cli` is `unroll`, always from this checkout's code. UP_ARGS: e.g. --port 8001
-up: $(if $(filter .venv,$(VENV)),install)
+up: $(if $(filter .venv,$(VENV)),install) $(CORPUS)
 	$(PY) -m service.cli up $(UP_ARGS)
 
 test: install browser
