@@ -4,8 +4,7 @@ lifespan (``open_runtime``), closed when it ends; nothing here connects at impor
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -16,7 +15,7 @@ from service.artifacts import ArtifactStore
 from service.auth import TokenCache
 from service.batching import Batcher
 from service.db import repo
-from service.db.session import make_async_engine
+from service.db.session import autocommit_session, make_async_engine
 from service.db.submit import JobInserts
 from service.keys import Keys
 from service.metrics import Metrics
@@ -45,15 +44,9 @@ class Runtime:
     inserts: JobInserts  # submissions, group-committed
     enqueues: Batcher[tuple[str, int], bool]  # their queue writes, likewise
 
-    @asynccontextmanager
-    async def autocommit(self) -> AsyncIterator[AsyncSession]:
-        """A session on an autocommit connection: each statement is its own transaction,
-        committed in the same round trip (no BEGIN, no COMMIT). For paths whose write is a
-        single statement, like a submission."""
-        async with self.engine.connect() as conn:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            async with AsyncSession(bind=conn, expire_on_commit=False) as session:
-                yield session
+    def autocommit(self) -> AbstractAsyncContextManager[AsyncSession]:
+        """service.db.session.autocommit_session on this runtime's engine."""
+        return autocommit_session(self.engine)
 
     async def count_queued(self, project_id: str) -> int:
         """The project's queued jobs, counted in the database (the quota's recount)."""

@@ -147,3 +147,16 @@ async def check_dataset(session: AsyncSession, config: JobConfig, project_id: st
 
 def stored_config(config: JobConfig) -> dict[str, Any]:
     return config_dict(config)
+
+
+def job_fields(config: JobConfig) -> dict[str, Any]:
+    """The columns of a job that come from its validated config (repo.create_job and
+    repo.new_job_values take them as keywords)."""
+    return {
+        "config": stored_config(config),
+        "name": config.name,
+        "tags": config.tags,
+        "priority": config.priority,
+        "max_attempts": config.max_attempts,
+        "max_steps": config.train.max_steps,
+    }

@@ -32,7 +32,7 @@ from service.schemas import (
     MetricSeries,
     StateName,
 )
-from service.submission import check_config, check_dataset, data_field, read_json, stored_config
+from service.submission import check_config, check_dataset, data_field, job_fields, read_json
 
 log = logging.getLogger("unroll.api")
 
@@ -132,18 +132,6 @@ async def submit_job(
 
 def _job_response(job, status_code: int) -> Response:
     return Response(JobPublic.of(job).model_dump_json(), status_code=status_code, media_type="application/json")
-
-
-def job_fields(config) -> dict[str, Any]:
-    """The columns of a job that come from its validated config."""
-    return {
-        "config": stored_config(config),
-        "name": config.name,
-        "tags": config.tags,
-        "priority": config.priority,
-        "max_attempts": config.max_attempts,
-        "max_steps": config.train.max_steps,
-    }
 
 
 def _job_values(project_id: str, config, idempotency_key: str | None) -> dict[str, Any]:

@@ -24,8 +24,8 @@ from service.errors import ApiError, Invalid
 from service.errors import responses as error_responses
 from service.quota import counter
 from service.schemas import SweepCancelled, SweepCreate, SweepJob, SweepPublic
-from service.submission import check_config, check_dataset, data_field
-from service.api.jobs import enqueue_after_commit, job_fields
+from service.submission import check_config, check_dataset, data_field, job_fields
+from service.api.jobs import enqueue_after_commit
 from trainer.config import JobConfig
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])

@@ -240,3 +240,14 @@ def session_scope(sessions: sessionmaker[Session] | None = None) -> Iterator[Ses
 async def async_session_scope(sessions: async_sessionmaker[AsyncSession] | None = None) -> AsyncIterator[AsyncSession]:
     async with (sessions or get_async_sessionmaker())() as session, session.begin():
         yield session
+
+
+@asynccontextmanager
+async def autocommit_session(engine: AsyncEngine) -> AsyncIterator[AsyncSession]:
+    """A session on an autocommit connection: each statement is its own transaction,
+    committed in the same round trip (no BEGIN, no COMMIT). For paths whose write is a
+    single statement, like a submission."""
+    async with engine.connect() as conn:
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        async with AsyncSession(bind=conn, expire_on_commit=False) as session:
+            yield session

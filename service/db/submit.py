@@ -1,17 +1,15 @@
 """The submission insert of the API, its hottest statement, from async code.
 
-On asyncpg (PostgreSQL) it runs on the pooled driver connection itself: one prepared
-``INSERT … ON CONFLICT DO NOTHING RETURNING id``, committed by itself (no BEGIN/COMMIT).
-Through an AsyncSession the same statement cost about 470 µs of CPU per job (session,
-autobegin, execution context, result rows) against about 210 µs here, and the API is
-CPU-bound on submissions (bench/api.py). The columns and values are repo's
-(JOB_INSERT_COLUMNS, new_job_values), so this path and repo.insert_job cannot drift;
-other drivers (aiosqlite) run repo.insert_job through a session.
-
-Under concurrency the inserts are group-committed (`JobInserts`): the requests that arrive
-while a statement is in flight go out together in the next one, a multi-row INSERT …
-SELECT FROM unnest(…), so the per-statement cost is shared. Nothing waits on a timer: a
-lone request is written at once.
+On asyncpg (PostgreSQL) the inserts are group-committed (`JobInserts`, service.batching):
+the rows of the requests that arrive while a statement is in flight go out together in the
+next one, a multi-row INSERT … SELECT FROM unnest(…) … ON CONFLICT DO NOTHING RETURNING id
+on a pooled driver connection, committed by itself (no BEGIN/COMMIT). Nothing waits on a
+timer: a lone request is written at once. Through an AsyncSession one such INSERT cost
+about 470 µs of CPU per job (session, autobegin, execution context, result rows) against
+about 210 µs on the driver connection, and the API is CPU-bound on submissions
+(bench/api.py). The columns and values are repo's (JOB_INSERT_COLUMNS, new_job_values), so
+this path and repo.insert_job cannot drift; other drivers (aiosqlite) run repo.insert_job
+through a session.
 """
 
 from __future__ import annotations
@@ -20,19 +18,14 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.batching import Batcher
 from service.db import repo
 from service.db.errors import DatabaseUnavailable
 from service.db.models import Job, JobState
-from service.db.session import is_unavailable
+from service.db.session import autocommit_session, is_unavailable
 
-_SQL = (
-    f"INSERT INTO jobs ({', '.join(repo.JOB_INSERT_COLUMNS)})"
-    f" VALUES ({', '.join(f'${i}' for i in range(1, len(repo.JOB_INSERT_COLUMNS) + 1))})"
-    " ON CONFLICT (project_id, idempotency_key) DO NOTHING RETURNING id"
-)
 # Columns stored as JSON text (the engine's jsonb codec takes the serialized document).
 _JSON = frozenset({"tags", "config"})
 
@@ -49,32 +42,9 @@ def _parameters(values: Mapping[str, Any]) -> list[Any]:
     return out
 
 
-async def _with_session(engine: AsyncEngine, fn: Any, *args: Any) -> Any:
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        async with AsyncSession(bind=conn, expire_on_commit=False) as session:
-            return await session.run_sync(fn, *args)
-
-
-async def insert_job(engine: AsyncEngine, values: Mapping[str, Any]) -> tuple[Any, bool]:
-    """Insert the job `values` (repo.new_job_values); a used Idempotency-Key returns the
-    job that holds it. Returns (job, created); raises DatabaseUnavailable like a session."""
-    if engine.dialect.driver != "asyncpg":
-        return await _with_session(engine, repo.insert_job, values)
-    raw = await engine.raw_connection()  # connect failures are DatabaseUnavailable already
-    try:
-        inserted = await raw.driver_connection.fetchval(_SQL, *_parameters(values))
-    except Exception as exc:
-        if is_unavailable(exc):
-            raw.invalidate(exc)  # never hand a broken connection to the next request
-            raise DatabaseUnavailable(f"database unavailable: {exc}".strip()) from exc
-        raise
-    finally:
-        raw.close()  # back to the pool
-    if inserted is not None:
-        return repo.new_job_row(values), True
-    job = await _with_session(engine, repo.existing_job_for_key, values["project_id"], values["idempotency_key"])
-    return job, False
+async def _in_session(engine: AsyncEngine, fn: Any, *args: Any) -> Any:
+    async with autocommit_session(engine) as session:
+        return await session.run_sync(fn, *args)
 
 
 def _array_casts() -> list[str]:
@@ -111,12 +81,13 @@ class JobInserts:
         )
 
     async def insert(self, values: Mapping[str, Any]) -> tuple[Any, bool]:
-        """What insert_job does, batched with concurrent calls."""
+        """Insert the job `values` (repo.new_job_values); a used Idempotency-Key returns the
+        job that holds it. Returns (job, created); raises DatabaseUnavailable like a session."""
         if self.engine.dialect.driver != "asyncpg":
-            return await insert_job(self.engine, values)
+            return await _in_session(self.engine, repo.insert_job, values)
         if await self._batcher.submit(values):
             return repo.new_job_row(values), True
-        job = await _with_session(self.engine, repo.existing_job_for_key, values["project_id"], values["idempotency_key"])
+        job = await _in_session(self.engine, repo.existing_job_for_key, values["project_id"], values["idempotency_key"])
         return job, False
 
 
@@ -124,15 +95,15 @@ async def _insert_many(engine: AsyncEngine, rows: Sequence[Mapping[str, Any]]) -
     """One INSERT of `rows`; for each, whether it was inserted (or hit a used key)."""
     columns = [_parameters(values) for values in rows]
     arrays = [list(column) for column in zip(*columns)]
-    raw = await engine.raw_connection()
+    raw = await engine.raw_connection()  # connect failures are DatabaseUnavailable already
     try:
         records = await raw.driver_connection.fetch(_MANY_SQL, *arrays)
     except Exception as exc:
         if is_unavailable(exc):
-            raw.invalidate(exc)
+            raw.invalidate(exc)  # never hand a broken connection to the next request
             raise DatabaseUnavailable(f"database unavailable: {exc}".strip()) from exc
         raise
     finally:
-        raw.close()
+        raw.close()  # back to the pool
     inserted = {record[0] for record in records}
     return [values["id"] in inserted for values in rows]

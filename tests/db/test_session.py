@@ -84,12 +84,22 @@ def test_unopenable_sqlite_is_database_unavailable(tmp_path: Path) -> None:
         pass
 
 
+def _backend_pid(conn: sa.Connection) -> int:
+    return conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+
+
+def _terminate(url: str, pid: int) -> None:
+    """What a database restart does to one connection: the server ends it."""
+    killer = make_engine(url, poolclass=sa.pool.NullPool)
+    with killer.connect() as conn:
+        conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+    killer.dispose()
+
+
 def test_connection_lost_mid_session_is_database_unavailable(postgresql_url: str) -> None:
     engine = make_engine(postgresql_url)
     with engine.connect() as conn:
-        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-        with make_engine(postgresql_url).connect() as killer:
-            killer.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+        _terminate(postgresql_url, _backend_pid(conn))
         with pytest.raises(DatabaseUnavailable):
             conn.execute(sa.text("SELECT 1"))
     engine.dispose()
@@ -100,11 +110,10 @@ def test_pooled_connections_the_server_dropped_are_replaced(postgresql_url: str)
     # disconnect and reconnect, not surface it as an error on the next checkout.
     engine = make_engine(postgresql_url)
     with engine.connect() as conn:
-        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-    with make_engine(postgresql_url).connect() as killer:
-        killer.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+        pid = _backend_pid(conn)
+    _terminate(postgresql_url, pid)
     with engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() != pid
+        assert _backend_pid(conn) != pid
     engine.dispose()
 
 

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from trainer import checkpoint as ckpt
 from trainer.distributed import GroupCallbacks, Sync
+from tests.trainer.test_resume import StopAt
 from trainer.loop import Callback, fit
 
 
@@ -40,24 +41,13 @@ class Recorder(Callback):
         self.summary = summary.to_dict()
 
 
-class Stop(Callback):
-    def __init__(self, step: int):
-        self.step, self.seen = step, 0
-
-    def on_update(self, step, metrics):
-        self.seen = step
-
-    def should_stop(self):
-        return self.seen >= self.step
-
-
 def _rank_main(rank: int, world: int, init: str, config: dict, resume: bytes | None, stop_at: int | None, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         sync = Sync()
         rec = Recorder()
-        inner: list[Callback] = [rec] + ([Stop(stop_at)] if stop_at else [])
+        inner: list[Callback] = [rec] + ([StopAt(stop_at)] if stop_at else [])
         state = sync.local_checkpoint(ckpt.from_bytes(resume)) if resume else None
         summary = fit(config, [GroupCallbacks(sync, inner)], resume=state, sync=sync)
         torch.save(
@@ -85,6 +75,6 @@ def run_group(world: int, config: dict, tmp: Path, resume: bytes | None = None, 
 
 def run_single(config: dict, resume: bytes | None = None, stop_at: int | None = None) -> dict[str, Any]:
     rec = Recorder()
-    callbacks: list[Callback] = [rec] + ([Stop(stop_at)] if stop_at else [])
+    callbacks: list[Callback] = [rec] + ([StopAt(stop_at)] if stop_at else [])
     fit(config, callbacks, resume=ckpt.from_bytes(resume) if resume else None)
     return {"losses": rec.losses, "norms": rec.norms, "valid": rec.valid, "checkpoints": rec.checkpoints, "summary": rec.summary}
