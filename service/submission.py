@@ -21,8 +21,7 @@ from service.db import repo
 from service.db.errors import NotFound
 from service.errors import ApiError, Invalid, config_invalid
 from service.settings import Settings
-from trainer.config import ConfigError, JobConfig, config_dict, parse_config
-from trainer.models import parameter_count
+from trainer.config import ConfigError, JobConfig, config_dict, parameter_count, parse_config
 
 # jobs.priority is a 32-bit column; the queue scores priorities as doubles.
 PRIORITY_RANGE = (-(2**31), 2**31 - 1)

@@ -292,3 +292,33 @@ def load_config(path: str | Path) -> JobConfig:
 def config_dict(config: JobConfig) -> dict[str, Any]:
     """The canonical, JSON-ready form stored with jobs and inside checkpoints."""
     return config.model_dump(mode="json")
+
+
+def parameter_count(config: JobConfig, vocab: int | None = None) -> int:
+    """Parameters of the model a job config builds, computed without building it (and
+    without torch: the API checks the size cap with it; tests/trainer/test_models.py proves
+    it equal to the built trainer.models.RNNModel).
+
+    `vocab` is the text vocabulary when known; for text jobs without it, the embedding
+    and output layers are left out (the caller learns their size only from the data).
+    """
+    m, data = config.model, config.data
+    gates = {"lstm": 4, "gru": 3}.get(m.cell, 1)
+    if data.kind == "recall":
+        vocab = data.vocab
+    tokens = data.kind in ("recall", "text")
+    input_size = m.embedding_dim if tokens else (2 if data.kind == "adding" else len(data.columns or []) or 1)
+    # Each layer: `gates` blocks of input and recurrent weights plus two biases; the first
+    # layer reads the inputs, the others the layer below (closed form: num_layers is
+    # unbounded here, and the API calls this before anything else limits the model).
+    def layer(size_in: int) -> int:
+        return gates * m.hidden_size * (size_in + m.hidden_size + 2)
+
+    total = layer(input_size) + (m.num_layers - 1) * layer(m.hidden_size)
+    classes = vocab if tokens else 1
+    if tokens and vocab is None:
+        return total
+    total += (classes or 1) * (m.hidden_size + 1)
+    if tokens and not m.tie_weights:
+        total += vocab * m.embedding_dim
+    return total

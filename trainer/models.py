@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.config import JobConfig, ModelConfig
+from trainer.config import ModelConfig
 from trainer.data import Task
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -62,28 +62,3 @@ class RNNModel(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def parameter_count(config: JobConfig, vocab: int | None = None) -> int:
-    """Parameters of the model a job config builds, without building it.
-
-    `vocab` is the text vocabulary when known; for text jobs without it, the embedding
-    and output layers are left out (the caller learns their size only from the data).
-    """
-    m, data = config.model, config.data
-    gates = {"lstm": 4, "gru": 3}.get(m.cell, 1)
-    if data.kind == "recall":
-        vocab = data.vocab
-    tokens = data.kind in ("recall", "text")
-    input_size = m.embedding_dim if tokens else (2 if data.kind == "adding" else len(data.columns or []) or 1)
-    total = 0
-    for layer in range(m.num_layers):
-        size_in = input_size if layer == 0 else m.hidden_size
-        total += gates * m.hidden_size * (size_in + m.hidden_size + 2)
-    classes = vocab if tokens else 1
-    if tokens and vocab is None:
-        return total
-    total += (classes or 1) * (m.hidden_size + 1)
-    if tokens and not m.tie_weights:
-        total += vocab * m.embedding_dim
-    return total

@@ -125,6 +125,9 @@ async def test_model_size_cap_names_model(client, make_token, settings):
     assert r.status_code == 422
     assert r.json()["error"]["field"] == "model"
     assert "UNROLL_MAX_PARAMS" in r.json()["error"]["message"]
+    # counted without walking the layers: the fuzz run once hung the API with this
+    r = await submit(client, make_token(), job(model={"cell": "lstm", "num_layers": 10**18}))
+    assert r.status_code == 422 and r.json()["error"]["field"] == "model"
 
 
 @pytest.mark.parametrize(

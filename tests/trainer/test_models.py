@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import parse_config
+from trainer.config import parameter_count, parse_config
 from trainer.data import Task
-from trainer.models import RNNModel, count_parameters, parameter_count
+from trainer.models import RNNModel, count_parameters
 
 
 @pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
