@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service import auth
@@ -45,12 +46,21 @@ def _admin_secret(runtime: Runtime) -> str | None:
     return secret.get_secret_value() if secret is not None else None
 
 
-async def get_project(request: Request, credentials: Credentials) -> auth.Principal:
-    # The runtime straight from the app, not as a sub-dependency: every route resolves
-    # this one, and each dependency FastAPI walks costs the submission path measurably.
+async def caller(request: Request, token: str | None) -> auth.Principal:
+    """The project `token` acts for (401 otherwise)."""
     runtime: Runtime = request.app.state.runtime
-    token = credentials.credentials if credentials is not None else None
     return await auth.authenticate(token, runtime.sessions, runtime.tokens, _admin_secret(runtime))
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, read as HTTPBearer reads it
+    (for service.api.direct routes, which have no dependencies)."""
+    scheme, credentials = get_authorization_scheme_param(request.headers.get("authorization"))
+    return credentials if credentials and scheme.lower() == "bearer" else None
+
+
+async def get_project(request: Request, credentials: Credentials) -> auth.Principal:
+    return await caller(request, credentials.credentials if credentials is not None else None)
 
 
 ProjectDep = Annotated[auth.Principal, Depends(get_project)]

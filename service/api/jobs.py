@@ -10,7 +10,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
 
@@ -18,8 +18,9 @@ from service import events as job_events
 from service.db import repo, states
 from service.db.errors import NotFound
 from service.db.models import JobState
-from service.deps import ProjectDep, RuntimeDep
-from service.errors import ApiError, responses
+from service.api.direct import DirectRoute
+from service.deps import ProjectDep, RuntimeDep, bearer_token, caller
+from service.errors import ApiError, Invalid, responses
 from service.quota import counter
 from service.runtime import Runtime
 from service.schemas import (
@@ -70,42 +71,35 @@ async def publish(runtime: Runtime, job_id: str, event: dict[str, Any]) -> None:
 
 # --- submit and list --------------------------------------------------------------------------
 
-_JOB_BODY = {
+_IDEMPOTENCY_KEY = "Idempotency-Key"
+_MAX_KEY = 255
+
+_SUBMIT_DOCS = {
     "requestBody": {
         "required": True,
         "description": "A job configuration (SPEC §2), validated by the trainer's own schema.",
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobConfig"}}},
-    }
+    },
+    "parameters": [
+        {
+            "name": _IDEMPOTENCY_KEY,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "minLength": 1, "maxLength": _MAX_KEY},
+            "description": "Repeats with the same key (per project) return the first job with 200",
+        }
+    ],
+    "security": [{"HTTPBearer": []}],
 }
 
 
-@router.post(
-    "",
-    status_code=status.HTTP_201_CREATED,
-    response_model=JobPublic,
-    summary="Submit a job",
-    openapi_extra=_JOB_BODY,
-    responses={
-        200: {"model": JobPublic, "description": "A repeat of an earlier submission with the same Idempotency-Key"},
-        **responses(400, 401, 413, 422, 429, 503),
-    },
-)
-async def submit_job(
-    request: Request,
-    project: ProjectDep,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            alias="Idempotency-Key",
-            min_length=1,
-            max_length=255,
-            description="Repeats with the same key (per project) return the first job with 200",
-        ),
-    ] = None,
-) -> Response:
-    # The hottest route: no dependency beyond the caller's project (the runtime is the
-    # app's), and the answer serialized once here (returning the model would have FastAPI
-    # dump, re-validate and dump it again).
+async def submit_job(request: Request) -> Response:
+    # The hottest route, a DirectRoute (service.api.direct): it reads the caller, the key
+    # and the body itself and answers a finished Response.
+    project = await caller(request, bearer_token(request))
+    idempotency_key = request.headers.get(_IDEMPOTENCY_KEY)
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= _MAX_KEY:
+        raise Invalid(_IDEMPOTENCY_KEY, f"must be 1 to {_MAX_KEY} characters")
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
     config = check_config(await read_json(request), settings)
@@ -128,6 +122,22 @@ async def submit_job(
     runtime.metrics.submissions.inc()
     await enqueue_after_commit(runtime, [(job.id, job.priority)])
     return _job_response(job, status.HTTP_201_CREATED)
+
+
+router.add_api_route(
+    "",
+    submit_job,
+    methods=["POST"],
+    route_class_override=DirectRoute,
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobPublic,
+    summary="Submit a job",
+    openapi_extra=_SUBMIT_DOCS,
+    responses={
+        200: {"model": JobPublic, "description": "A repeat of an earlier submission with the same Idempotency-Key"},
+        **responses(400, 401, 413, 422, 429, 503),
+    },
+)
 
 
 def _job_response(job, status_code: int) -> Response:
