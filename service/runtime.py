@@ -20,7 +20,7 @@ from service.db.submit import JobInserts
 from service.keys import Keys
 from service.metrics import Metrics
 from service.queue import JobQueue
-from service.quota import QueuedCounter
+from service.quota import Count, QueuedCounter
 from service.settings import Settings
 
 # Redis calls of a request give up after this long (then 503), so a hung Redis cannot
@@ -48,12 +48,8 @@ class Runtime:
         """service.db.session.autocommit_session on this runtime's engine."""
         return autocommit_session(self.engine)
 
-    async def count_queued(self, project_id: str) -> int:
-        """The project's queued jobs, counted in the database (the quota's recount)."""
-        async with self.autocommit() as session:
-            return await session.run_sync(repo.count_queued, project_id)
-
     async def close(self) -> None:
+        await self.quota.close()
         await self.redis.aclose()
         await self.engine.dispose()
 
@@ -88,8 +84,18 @@ def open_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         keys=Keys(settings.redis_prefix),
         store=ArtifactStore(settings.artifacts),
         tokens=TokenCache(settings.token_cache_seconds),
-        quota=QueuedCounter(),
+        quota=QueuedCounter(_queued_counter(engine)),
         metrics=metrics,
         inserts=JobInserts(engine),
         enqueues=Batcher(queue.enqueue_many, shared=lambda exc: isinstance(exc, (RedisError, OSError))),
     )
+
+
+def _queued_counter(engine: AsyncEngine) -> Count:
+    """Counts a project's queued jobs on a connection of its own (the quota's recount)."""
+
+    async def count(project_id: str) -> int:
+        async with autocommit_session(engine) as session:
+            return await session.run_sync(repo.count_queued, project_id)
+
+    return count

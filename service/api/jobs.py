@@ -114,7 +114,7 @@ async def submit_job(request: Request) -> Response:
                 if existing is not None:
                     return _job_response(existing, status.HTTP_200_OK)
             await check_dataset(session, config, project_id)
-    await runtime.quota.check(project_id, 1, settings.max_queued_per_project, runtime.count_queued)
+    await runtime.quota.check(project_id, 1, settings.max_queued_per_project)
     job, created = await runtime.inserts.insert(_job_values(project_id, config, idempotency_key))
     if not created:  # lost a race with the same key: the winner's job, as a repeat
         return _job_response(job, status.HTTP_200_OK)

@@ -1,5 +1,6 @@
 """The queued-jobs cap's estimate (service.quota): recounts are single-flight, exact at the
-edge, and a failed or abandoned recount does not strand the requests waiting on it."""
+edge, a stale estimate far from the limit is refreshed without holding requests, and a
+failed or abandoned recount does not strand the requests waiting on it."""
 
 from __future__ import annotations
 
@@ -23,37 +24,99 @@ class SlowCount:
 
 
 async def test_concurrent_requests_share_one_recount():
-    quota, count = QueuedCounter(ttl_s=60), SlowCount(5)
-    await asyncio.gather(*(quota.check("p", 1, 100, count) for _ in range(50)))
+    count = SlowCount(5)
+    quota = QueuedCounter(count, ttl_s=60)
+    await asyncio.gather(*(quota.check("p", 1, 100) for _ in range(50)))
     assert count.calls == 1
     quota.added("p", 1)
-    await quota.check("p", 1, 100, count)  # fresh and far from the limit: no count
+    await quota.check("p", 1, 100)  # fresh and far from the limit: no count
     assert count.calls == 1
 
 
 async def test_near_the_limit_every_check_counts_and_refuses_exactly():
-    quota, count = QueuedCounter(ttl_s=60), SlowCount(9)
-    await quota.check("p", 1, 10, count)  # 9 + 1 <= 10
+    count = SlowCount(9)
+    quota = QueuedCounter(count, ttl_s=60)
+    await quota.check("p", 1, 10)  # 9 + 1 <= 10
     with pytest.raises(OverQuota):
-        await quota.check("p", 2, 10, count)
+        await quota.check("p", 2, 10)
     assert count.calls == 2  # within the slack: counted again
 
 
 async def test_a_failed_recount_fails_its_waiters_and_the_next_one_counts_again():
-    quota, count = QueuedCounter(ttl_s=60), SlowCount(1, fail=ConnectionError("db down"))
-    results = await asyncio.gather(*(quota.check("p", 1, 100, count) for _ in range(5)), return_exceptions=True)
+    count = SlowCount(1, fail=ConnectionError("db down"))
+    quota = QueuedCounter(count, ttl_s=60)
+    results = await asyncio.gather(*(quota.check("p", 1, 100) for _ in range(5)), return_exceptions=True)
     assert all(isinstance(r, ConnectionError) for r in results) and count.calls == 1
     count.fail = None
-    await quota.check("p", 1, 100, count)
+    await quota.check("p", 1, 100)
     assert count.calls == 2
 
 
 async def test_waiters_count_themselves_when_the_counting_request_is_cancelled():
-    quota, count = QueuedCounter(ttl_s=60), SlowCount(1)
-    first = asyncio.create_task(quota.check("p", 1, 100, count))
+    count = SlowCount(1)
+    quota = QueuedCounter(count, ttl_s=60)
+    first = asyncio.create_task(quota.check("p", 1, 100))
     await asyncio.sleep(0.01)
-    waiter = asyncio.create_task(quota.check("p", 1, 100, count))
+    waiter = asyncio.create_task(quota.check("p", 1, 100))
     await asyncio.sleep(0.01)
     first.cancel()
     await waiter  # not stranded, not cancelled
     assert first.cancelled() and count.calls == 2
+
+
+async def test_a_count_inside_the_callers_transaction_is_used_when_given():
+    own, callers = SlowCount(1), SlowCount(2)
+    quota = QueuedCounter(own, ttl_s=60)
+    await quota.check("p", 8, 10, callers)  # 2 + 8 <= 10
+    with pytest.raises(OverQuota):
+        await quota.check("p", 9, 10, callers)
+    assert (own.calls, callers.calls) == (0, 2)
+
+
+async def test_a_stale_estimate_far_from_the_limit_is_refreshed_while_requests_go_on():
+    count = SlowCount(5)
+    quota = QueuedCounter(count, ttl_s=0.01)
+    await quota.check("p", 1, 100)
+    await asyncio.sleep(0.02)  # stale now
+    count.queued = 7
+    await asyncio.gather(*(quota.check("p", 1, 100) for _ in range(20)))
+    assert "p" in quota._counting  # all answered while the count still runs
+    assert count.calls == 2  # one refresh for all of them
+    await asyncio.sleep(0.1)
+    assert quota._estimates["p"][0] == 7
+
+
+async def test_jobs_added_while_a_count_runs_are_not_lost():
+    count = SlowCount(3)
+    quota = QueuedCounter(count, ttl_s=60)
+    counting = asyncio.create_task(quota.check("p", 1, 100))
+    await asyncio.sleep(0.01)
+    quota.added("p", 4)  # committed by requests that had passed their check already
+    await counting
+    assert quota._estimates["p"][0] == 7
+
+
+async def test_a_failed_refresh_is_logged_and_the_next_stale_check_tries_again(caplog):
+    count = SlowCount(5)
+    quota = QueuedCounter(count, ttl_s=0.01)
+    await quota.check("p", 1, 100)
+    await asyncio.sleep(0.02)
+    count.fail = ConnectionError("db down")
+    await quota.check("p", 1, 100)  # answered from the estimate; the refresh fails behind it
+    await asyncio.sleep(0.1)
+    assert "db down" in caplog.text and count.calls == 2
+    count.fail, count.queued = None, 6
+    await quota.check("p", 1, 100)
+    await asyncio.sleep(0.1)
+    assert count.calls == 3 and quota._estimates["p"][0] == 6
+
+
+async def test_close_stops_a_running_refresh():
+    count = SlowCount(5)
+    quota = QueuedCounter(count, ttl_s=0.01)
+    await quota.check("p", 1, 100)
+    await asyncio.sleep(0.02)
+    await quota.check("p", 1, 100)
+    assert quota._refreshes
+    await quota.close()
+    assert not quota._refreshes and "p" not in quota._counting
