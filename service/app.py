@@ -6,6 +6,7 @@ nothing: ``uvicorn --factory service.app:create_app`` or ``unroll api``.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -96,6 +97,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = open_runtime(settings, metrics)
         app.state.runtime = runtime
+        # Everything built so far (modules, routes, ORM and pydantic metadata: ~130k objects)
+        # lives as long as the process: out of the collector's sight, a full collection no
+        # longer walks it (a 40 ms pause in the middle of requests otherwise).
+        gc.freeze()
         try:
             yield
         finally:
