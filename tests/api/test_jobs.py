@@ -74,6 +74,9 @@ async def test_idempotency_key_returns_the_same_job(client, make_token):
     # Keys are per project: another project's identical key is another job.
     other_project = await submit(client, make_token("other"), **{"Idempotency-Key": "abc"})
     assert other_project.status_code == 201 and other_project.json()["id"] != first.json()["id"]
+    for bad in ("", "k" * 256):
+        r = await submit(client, token, **{"Idempotency-Key": bad})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "Idempotency-Key", r.text
 
 
 async def test_idempotency_under_concurrency(client, make_token, db, settings, redis_client):
