@@ -172,15 +172,20 @@ def get_job_by_idempotency_key(session: Session, project_id: str, key: str) -> J
     ).scalar_one_or_none()
 
 
-def get_job(session: Session, job_id: str, project_id: str | None = None) -> Job:
-    """The job; NotFound when unknown or (with project_id) another project's."""
-    stmt = sa.select(Job).where(Job.id == job_id)
+def _get_owned(session: Session, model: Any, kind: str, object_id: str, project_id: str | None) -> Any:
+    """The `model` row `object_id`; NotFound when unknown or (with project_id) another
+    project's: the same answer, so an id of another project reveals nothing."""
+    stmt = sa.select(model).where(model.id == object_id)
     if project_id is not None:
-        stmt = stmt.where(Job.project_id == project_id)
-    job = session.execute(stmt).scalar_one_or_none()
-    if job is None:
-        raise NotFound("job", job_id)
-    return job
+        stmt = stmt.where(model.project_id == project_id)
+    found = session.execute(stmt).scalar_one_or_none()
+    if found is None:
+        raise NotFound(kind, object_id)
+    return found
+
+
+def get_job(session: Session, job_id: str, project_id: str | None = None) -> Job:
+    return _get_owned(session, Job, "job", job_id, project_id)
 
 
 def _encode_cursor(created_at: datetime, object_id: str) -> str:
@@ -296,13 +301,7 @@ def create_sweep(
 
 
 def get_sweep(session: Session, sweep_id: str, project_id: str | None = None) -> Sweep:
-    stmt = sa.select(Sweep).where(Sweep.id == sweep_id)
-    if project_id is not None:
-        stmt = stmt.where(Sweep.project_id == project_id)
-    sweep = session.execute(stmt).scalar_one_or_none()
-    if sweep is None:
-        raise NotFound("sweep", sweep_id)
-    return sweep
+    return _get_owned(session, Sweep, "sweep", sweep_id, project_id)
 
 
 def list_sweep_jobs(session: Session, sweep_id: str) -> list[Job]:
@@ -353,13 +352,7 @@ def create_dataset(
 
 
 def get_dataset(session: Session, dataset_id: str, project_id: str | None = None) -> Dataset:
-    stmt = sa.select(Dataset).where(Dataset.id == dataset_id)
-    if project_id is not None:
-        stmt = stmt.where(Dataset.project_id == project_id)
-    dataset = session.execute(stmt).scalar_one_or_none()
-    if dataset is None:
-        raise NotFound("dataset", dataset_id)
-    return dataset
+    return _get_owned(session, Dataset, "dataset", dataset_id, project_id)
 
 
 def list_datasets(session: Session, project_id: str, *, limit: int = 100) -> list[Dataset]:
