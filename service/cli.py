@@ -161,14 +161,26 @@ def _fail(exc) -> int:
     return 1
 
 
+class UsageError(ValueError):
+    """Bad input on the command line or in a file it names: main prints `error: …` and
+    exits 2."""
+
+
 def _read_config(path: str) -> dict:
+    """The mapping in a YAML or JSON (`.json`) file; UsageError otherwise."""
     import json
 
     import yaml
 
-    with open(path) as fh:
-        text = fh.read()
-    return json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    try:
+        with open(path) as fh:
+            text = fh.read()
+        config = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path}: the config must be a mapping")
+    return config
 
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -177,11 +189,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 def _submit(args: argparse.Namespace) -> int:
     from service.client import ApiError
 
-    try:
-        config = _read_config(args.config)
-    except (OSError, ValueError) as exc:
-        print(f"error: cannot read {args.config}: {exc}", file=sys.stderr)
-        return 2
+    config = _read_config(args.config)
     try:
         with _client(args) as api:
             job = api.submit(config, idempotency_key=args.idempotency_key)
@@ -352,7 +360,11 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(with_train=bool(argv) and argv[0] == "train").parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Any
 
+from service.cli import UsageError
+
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -46,7 +48,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-class GridError(ValueError):
+class GridError(UsageError):
     pass
 
 
@@ -97,19 +99,8 @@ def run(args: argparse.Namespace) -> int:
     from service.cli import _client, _fail, _read_config
     from service.client import ApiError
 
-    try:
-        base = _read_config(args.config)
-    except (OSError, ValueError) as exc:
-        print(f"error: cannot read {args.config}: {exc}", file=sys.stderr)
-        return 2
-    if not isinstance(base, dict):
-        print(f"error: {args.config}: the config must be a mapping", file=sys.stderr)
-        return 2
-    try:
-        grid = parse_grid(args.grid)
-    except GridError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    base = _read_config(args.config)
+    grid = parse_grid(args.grid)
     if k2_follows_k1(base, grid):
         print("note: tbptt.k2 follows tbptt.k1 (the base config's k2 is not used)", file=sys.stderr)
     try:
