@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -32,6 +31,8 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio as aioredis
+
+from tests.processes import free_port
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -57,12 +58,6 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class RedisServer:
     """A throwaway redis-server on 127.0.0.1, without persistence, in its own directory.
     ``kill()`` is a crash (SIGKILL); ``start()`` brings it back on the same port, empty."""
@@ -72,7 +67,7 @@ class RedisServer:
         if self.executable is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.directory = directory
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.process: subprocess.Popen | None = None
 
     @property

@@ -12,12 +12,8 @@ and data root in the test's temporary directory.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -25,7 +21,6 @@ import httpx
 import psycopg
 import pytest
 import sqlalchemy as sa
-import uvicorn
 from sqlalchemy.orm import Session
 
 from service.app import create_app

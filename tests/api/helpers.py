@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import secrets
-import socket
 import threading
 import time
 
 import uvicorn
+
+from tests.processes import free_port
 
 ADMIN_TOKEN = "admin-" + secrets.token_hex(8)
 
@@ -30,12 +31,6 @@ def job(**overrides):
 
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LiveServer:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.client import Client, read_client_config, write_client_config
@@ -21,7 +20,7 @@ from service.db import repo, states
 from service.db.migrate import upgrade
 from service.db.models import JobState
 from service.db.session import make_engine
-from tests.api.helpers import JOB, free_port
+from tests.processes import free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

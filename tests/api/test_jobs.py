@@ -4,13 +4,11 @@ filters and paging, cancel and retry transitions, metrics, logs and checkpoints.
 from __future__ import annotations
 
 import asyncio
-import copy
 import hashlib
 import os
 from pathlib import Path
 
 import pytest
-from sqlalchemy.orm import Session
 
 from service.db import repo, states
 from service.db.models import JobState

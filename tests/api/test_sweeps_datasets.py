@@ -7,7 +7,6 @@ import os
 
 import pytest
 
-from service.db import repo
 from service.keys import Keys
 from tests.api.helpers import JOB, auth
 

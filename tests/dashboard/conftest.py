@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import pytest
 from service.dashboard import built
 from service.db import repo
 from service.db.session import make_engine
+from tests.processes import free_port, listening, ray_head
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path(os.environ.get("UNROLL_TEST_CHROMIUM", "/usr/bin/chromium"))
@@ -36,12 +36,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 SCREENSHOTS = ROOT / "test-output" / "screenshots"
 FINAL = {"succeeded", "failed", "cancelled"}
 
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _needs_browser() -> None:
@@ -92,20 +86,16 @@ class Stack:
         return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}" for _, log in self.processes if log.exists())
 
     def start(self) -> None:
-        ray_port = _free_port()
-        self.spawn("ray", [
-            sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={ray_port}",
-            "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
-            "--min-worker-port=0", "--max-worker-port=0", f"--temp-dir={self.ray_temp}",
-        ], {**os.environ, "RAY_AUTH_MODE": "token"})
+        ray_port = free_port()
+        self.spawn("ray", *ray_head(ray_port, self.ray_temp))
         with _sessions(self.database_url) as session:
             project = repo.get_or_create_project(session, f"dash-{secrets.token_hex(3)}")
             self.token, _ = repo.create_token(session, project.id, name="dashboard tests")
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.spawn("api", [sys.executable, "-m", "service.cli", "api", "--port", str(port)], self.env())
         _wait_for(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, 60, "unroll api", self)
-        _wait_for(lambda: _listening(ray_port), 90, "the Ray head", self)
+        _wait_for(lambda: listening(ray_port), 90, "the Ray head", self)
         self.spawn("worker", [sys.executable, "-m", "service.cli", "worker"], self.env(UNROLL_RAY_ADDRESS=f"127.0.0.1:{ray_port}"))
         self.api = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30)
 
@@ -171,11 +161,6 @@ class _sessions:
             self.session.commit()
         self.session.close()
         self.engine.dispose()
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _wait_for(check, timeout: float, what: str, stack: Stack) -> None:

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -29,6 +28,7 @@ except ImportError:
     mlflow = None
 
 from service.up import MARKER, find_redis_server, ray_temp_dir
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(sys.prefix)
@@ -51,12 +51,6 @@ data: {kind: recall, vocab: 4, lag: 2, length: 20000, batch_size: 4}
 tbptt: {k1: 8, k2: 8}
 train: {max_steps: 3000, eval_every: 1000, checkpoint_every: 25, device: cpu}
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _children() -> dict[int, list[int]]:
@@ -239,7 +233,7 @@ STATE: dict = {}
 
 
 def test_fresh_clone_make_up_runs_a_job_from_the_cli_and_sigterm_leaves_nothing(folder: Path):
-    up = MakeUp(folder, _free_port(), f"redis://127.0.0.1:{_free_port()}/0", run=1)
+    up = MakeUp(folder, free_port(), f"redis://127.0.0.1:{free_port()}/0", run=1)
     try:
         up.wait_ready()
         out = up.text()
@@ -286,7 +280,7 @@ def test_fresh_clone_make_up_runs_a_job_from_the_cli_and_sigterm_leaves_nothing(
 def test_second_start_keeps_every_job_and_finishes_the_interrupted_one(folder: Path):
     if "long" not in STATE:
         pytest.skip("the first start failed")
-    up = MakeUp(folder, _free_port(), f"redis://127.0.0.1:{_free_port()}/0", run=2)
+    up = MakeUp(folder, free_port(), f"redis://127.0.0.1:{free_port()}/0", run=2)
     try:
         up.wait_ready()
         assert (folder / ".unroll" / "token").read_text().strip() == STATE["token"]  # reused

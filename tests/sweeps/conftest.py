@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,15 +23,10 @@ import sqlalchemy as sa
 from service.db import repo
 from service.db.session import make_engine
 from sqlalchemy.orm import Session
+from tests.processes import free_port, listening, ray_head
 
 ROOT = Path(__file__).resolve().parents[2]
 UNROLL = [sys.executable, "-m", "service.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(ready, what: str, timeout: float, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
@@ -42,11 +36,6 @@ def _wait(ready, what: str, timeout: float, process: subprocess.Popen | None = N
             tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
             raise RuntimeError(f"{what} did not start\n{tail}")
         time.sleep(0.2)
-
-
-def _listens(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _stop(process: subprocess.Popen, group: bool = False, timeout: float = 20) -> None:
@@ -97,16 +86,12 @@ def service(tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_u
         started.append((proc, group))
         return proc
 
-    ray_port = _free_port()
+    ray_port = free_port()
     ray_temp = f"/tmp/ray-unroll-{secrets.token_hex(3)}"
     engine = make_engine(database_url)
     try:
-        head = spawn(
-            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={ray_port}",
-             "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
-             "--min-worker-port=0", "--max-worker-port=0", f"--temp-dir={ray_temp}"],
-            "ray-head", {**os.environ, "RAY_AUTH_MODE": "token"}, group=True,
-        )
+        command, ray_env = ray_head(ray_port, ray_temp)
+        head = spawn(command, "ray-head", ray_env, group=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("UNROLL_")}
         env.update({
             "PYTHONPATH": str(ROOT),
@@ -120,7 +105,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_u
             "UNROLL_CANCEL_GRACE_SECONDS": "20",
             "UNROLL_CLIENT_CONFIG": str(tmp / "client.json"),
         })
-        api_port = _free_port()
+        api_port = free_port()
         api = spawn(UNROLL + ["api", "--port", str(api_port), "--log-level", "warning"], "api", env)
         url = f"http://127.0.0.1:{api_port}"
 
@@ -130,7 +115,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_u
             except httpx.TransportError:
                 return False
 
-        _wait(lambda: _listens(ray_port), "the Ray head", 90, head, logs[0])
+        _wait(lambda: listening(ray_port), "the Ray head", 90, head, logs[0])
         spawn(UNROLL + ["worker"], "worker", env)
         _wait(api_up, "unroll api", 60, api, logs[1])
         with Session(engine) as session, session.begin():

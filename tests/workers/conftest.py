@@ -7,7 +7,6 @@ import asyncio
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,23 +21,17 @@ from service.db import repo
 from service.db.models import Job, JobState
 from service.db.session import make_engine
 from service.queue import JobQueue
+from tests.processes import free_port, listening, ray_head
 
 ROOT = Path(__file__).resolve().parents[2]
 LEASE_SECONDS = 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_port(port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if listening(port):
+            return
         time.sleep(0.2)
     raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
 
@@ -46,14 +39,10 @@ def _wait_port(port: int, timeout: float) -> None:
 @pytest.fixture(scope="session")
 def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Ray head of the test session's own (2 CPUs), stopped at the end."""
-    port = _free_port()
+    port = free_port()
     temp_dir = f"/tmp/ray-unroll-{secrets.token_hex(3)}"
-    cmd = [
-        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
-        "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", "--min-worker-port=0", "--max-worker-port=0", f"--temp-dir={temp_dir}",
-    ]
+    cmd, env = ray_head(port, temp_dir)
     log = (tmp_path_factory.mktemp("ray") / "head.log").open("w")
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # the default for new clusters, made explicit
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=env)
     try:
         _wait_port(port, 90)

@@ -3,7 +3,6 @@ database. Workers are separate processes, killed with SIGKILL where the test say
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import time
 

@@ -3,7 +3,6 @@ HTTP (`unroll api`) → database → Redis → `unroll worker` → Ray → train
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import time
 import httpx
 
 from service.client import Client
+from tests.processes import free_port
 
 CONFIG = {
     "name": "http-path",
@@ -21,19 +21,13 @@ CONFIG = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_http_to_worker_and_back(stack, tmp_path):
     env = stack.env()
     token = subprocess.run(
         [sys.executable, "-m", "service.cli", "token", "create", "--project", "http"], env=env,
         capture_output=True, text=True, check=True,
     ).stdout.strip().splitlines()[-1]
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "api.log").open("w")
     api = subprocess.Popen([sys.executable, "-m", "service.cli", "api", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     stack.workers.append(api)  # stopped with the stack
