@@ -27,7 +27,7 @@ from service.db.models import JobState
 from service.db.session import make_engine
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError
-from trainer.loop import NonFiniteError, Summary, fit
+from trainer.loop import NonFiniteError, Summary
 from workers import tracking
 from workers.reporter import Attempt, AttemptStale, JobReporter
 
