@@ -368,4 +368,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m service.cli` runs this file as __main__ while the subcommands import
+    # service.cli: run that module's main, so both see one UsageError class.
+    from service.cli import main as canonical_main
+
+    sys.exit(canonical_main())

@@ -3,6 +3,8 @@ before anything is sent (so no server is needed here)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,3 +38,16 @@ def test_a_bad_grid_is_one_error_line(tmp_path: Path, capsys):
     path.write_text("model: {cell: lstm}\n")
     code = main(["sweep", str(path), "--grid", "tbptt.k1", "--url", "http://127.0.0.1:1", "--token", "t"])
     assert code == 2 and "expected PATH=V1,V2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["submit"], ["sweep", "--grid", "tbptt.k1"]])
+def test_as_a_module_too(tmp_path: Path, command):
+    # `python -m service.cli` loads the file twice (as __main__ and as service.cli): the
+    # error raised in one must still be caught by the other
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", *command, str(path), "--url", "http://127.0.0.1:1", "--token", "t"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr, done.stderr
