@@ -2,9 +2,9 @@
 on every submission.
 
 Each API process keeps, per project, the last counted number of queued jobs plus what it
-has submitted since. Far from the limit that estimate is trusted for ``ttl_s``; near the
-limit (or when stale) the database is counted again, so the cap is exact for one process
-and at the edge. Jobs leaving `queued` only make the estimate too high, which triggers a
+has submitted since. Far from the limit that estimate is trusted (and refreshed every
+``ttl_s``); near the limit every check counts the database again and decides on that
+count, so the cap is exact for one process at the edge. Jobs leaving `queued` only make the estimate too high, which triggers a
 recount, never a wrong acceptance. Other API processes' submissions within ``ttl_s`` and
 requests racing in the same instant can overshoot the cap slightly: it is a guard
 against runaway clients, not an accounting boundary.
@@ -63,11 +63,14 @@ class QueuedCounter:
         self.ttl_s = ttl_s
         # project id -> [estimated queued jobs, monotonic time of the last count]
         self._estimates: dict[str, list[float]] = {}
-        # project id -> the recount in progress
-        self._counting: dict[str, asyncio.Future[None]] = {}
+        # project id -> the recount in progress (its answer: the count itself)
+        self._counting: dict[str, asyncio.Future[int]] = {}
         self._refreshes: set[asyncio.Task[None]] = set()
-        # project id -> jobs added by this process, ever (what was added while a count ran
-        # is added to its result: the count may not have seen them)
+        self._closed = False
+        # project id -> jobs added by this process, ever. The estimate a count leaves adds
+        # what was added while it ran (the count may not have seen them; if it did, the
+        # estimate is high, which only brings the next recount sooner). Refusals never
+        # use it: they are decided on the count itself.
         self._added: dict[str, int] = {}
 
     async def check(self, project_id: str, adding: int, limit: int, count: Count | None = None) -> None:
@@ -75,12 +78,11 @@ class QueuedCounter:
         given, counts inside the caller's transaction instead (sweeps, retries)."""
         estimate = self._estimates.get(project_id)
         if estimate is None or estimate[0] + adding > limit - limit // 10:
-            await self._recount(project_id, count or self.count)
-            estimate = self._estimates[project_id]
-        elif time.monotonic() - estimate[1] > self.ttl_s and project_id not in self._counting:
+            queued = await self._recount(project_id, count or self.count)
+            if queued + adding > limit:
+                raise OverQuota(queued, adding, limit)
+        elif time.monotonic() - estimate[1] > self.ttl_s and project_id not in self._counting and not self._closed:
             self._refresh(project_id)
-        if estimate[0] + adding > limit:
-            raise OverQuota(int(estimate[0]), adding, limit)
 
     def _refresh(self, project_id: str) -> None:
         task = asyncio.get_running_loop().create_task(self._refreshed(project_id))
@@ -90,14 +92,17 @@ class QueuedCounter:
     async def _refreshed(self, project_id: str) -> None:
         try:
             await self._recount(project_id, self.count)
-        except Exception as exc:  # the next stale check tries again; near the limit, requests wait
+        except Exception as exc:  # retried once ttl_s has passed again; near the limit, requests count
+            estimate = self._estimates.get(project_id)
+            if estimate is not None:
+                estimate[1] = time.monotonic()
             log.warning("refreshing the queued-jobs count of project %s failed: %s", project_id, exc)
 
-    async def _recount(self, project_id: str, count: Count) -> None:
+    async def _recount(self, project_id: str, count: Count) -> int:
+        """The project's queued jobs, counted now (or by the count already running)."""
         while (running := self._counting.get(project_id)) is not None:
             try:
-                await asyncio.shield(running)  # another request's count answers for us too
-                return
+                return await asyncio.shield(running)  # another request's count answers for us too
             except asyncio.CancelledError:
                 if not running.cancelled():
                     raise  # this request was cancelled
@@ -107,7 +112,8 @@ class QueuedCounter:
             started, added = time.monotonic(), self._added.get(project_id, 0)
             counted = await count(project_id)
             self._estimates[project_id] = [counted + self._added.get(project_id, 0) - added, started]
-            done.set_result(None)
+            done.set_result(counted)
+            return counted
         except asyncio.CancelledError:
             done.cancel()
             raise
@@ -129,7 +135,9 @@ class QueuedCounter:
         self._estimates.pop(project_id, None)
 
     async def close(self) -> None:
-        """Stop the background refreshes (before the engine they count on closes)."""
+        """Stop the background refreshes, and start none (before the engine they count on
+        closes)."""
+        self._closed = True
         for task in list(self._refreshes):
             task.cancel()
         await asyncio.gather(*self._refreshes, return_exceptions=True)

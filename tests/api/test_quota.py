@@ -111,6 +111,28 @@ async def test_a_failed_refresh_is_logged_and_the_next_stale_check_tries_again(c
     assert count.calls == 3 and quota._estimates["p"][0] == 6
 
 
+async def test_refusals_are_decided_on_the_count_itself():
+    count = SlowCount(8)
+    quota = QueuedCounter(count, ttl_s=60)
+    checking = asyncio.create_task(quota.check("p", 2, 10))
+    await asyncio.sleep(0.01)
+    quota.added("p", 1)  # another request's job, which the count may already include
+    await checking  # 8 counted + 2 fits, though the estimate after the count says 9
+
+
+async def test_a_failed_refresh_waits_ttl_before_the_next_one():
+    count = SlowCount(5)
+    quota = QueuedCounter(count, ttl_s=0.5)
+    await quota.check("p", 1, 100)
+    await asyncio.sleep(0.55)
+    count.fail = ConnectionError("db down")
+    await quota.check("p", 1, 100)
+    await asyncio.sleep(0.1)  # the refresh has failed
+    await quota.check("p", 1, 100)  # not stale again yet: no new count
+    await asyncio.sleep(0.01)  # (a refresh it started would have called count by now)
+    assert count.calls == 2
+
+
 async def test_close_stops_a_running_refresh():
     count = SlowCount(5)
     quota = QueuedCounter(count, ttl_s=0.01)
@@ -120,3 +142,6 @@ async def test_close_stops_a_running_refresh():
     assert quota._refreshes
     await quota.close()
     assert not quota._refreshes and "p" not in quota._counting
+    await asyncio.sleep(0.02)
+    await quota.check("p", 1, 100)  # stale, but closed: no refresh starts
+    assert not quota._refreshes
