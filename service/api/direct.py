@@ -6,7 +6,8 @@ parsed into a dependency walk) and no response validation. On a submission that 
 was about a sixth of the API process's CPU (bench/api.py, profiled with py-spy). The
 endpoint reads its inputs with the same functions the dependencies use (service.deps) and
 returns a finished Response; what its signature no longer declares (headers, the bearer
-security, the body) it documents with `openapi_extra`.
+security, the body) it documents with `openapi_extra`. It takes no dependencies (it could
+not run them), and FastAPI's per-operation telemetry (UNROLL_OTEL) does not see it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class DirectRoute(APIRoute):
         if len(parameters) != 1 or not inspect.iscoroutinefunction(endpoint):
             raise TypeError(f"a DirectRoute endpoint is `async def {endpoint.__name__}(request: Request) -> Response`")
         super().__init__(path, endpoint, **kwargs)
+        if self.dependant.dependencies:  # e.g. a router's `dependencies=`: they would never run
+            raise TypeError(f"a DirectRoute runs no dependencies; {endpoint.__name__} was given some")
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         return self.endpoint
