@@ -35,7 +35,7 @@ import sqlalchemy as sa  # noqa: E402
 
 from service.client import Client  # noqa: E402
 from service.db.migrate import upgrade  # noqa: E402
-from service.up import write_secret  # noqa: E402
+from service.up import ray_token_env  # noqa: E402
 
 POSTGRES_ADMIN_URL = os.environ.get("UNROLL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 RUN_TAG = f"bench-{secrets.token_hex(3)}"
@@ -97,12 +97,9 @@ class Stack:
         self.ray_port, self.dash_port, self.api_port = free_port(), free_port(), free_port()
         # Ray's token of this run (a fresh machine has no ~/.ray/auth_token), for the head,
         # our processes, and Ray's job client in this process.
-        token_path = work / "ray-auth-token"
-        write_secret(token_path, secrets.token_hex(32))
-        os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)})
+        os.environ.update(ray_token_env(work / "ray-auth-token"))
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("UNROLL_")}
         self.env.update({
-            "RAY_AUTH_MODE": "token",
             "UNROLL_DATABASE_URL": self.database_url,
             "UNROLL_REDIS_PREFIX": f"bench-{secrets.token_hex(4)}",
             "UNROLL_RAY_ADDRESS": f"127.0.0.1:{self.ray_port}",

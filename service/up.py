@@ -133,6 +133,15 @@ def write_secret(path: Path, value: str) -> None:
     os.replace(tmp, path)
 
 
+def ray_token_env(path: Path) -> dict[str, str]:
+    """A Ray token of our own at `path` (written if missing), as the environment that makes
+    Ray's heads, drivers and job clients use it. A fresh machine has no ~/.ray/auth_token,
+    and a head started without a token refuses to start."""
+    if not path.exists():
+        write_secret(path, secrets.token_hex(32))
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path.resolve())}
+
+
 def folder_id(root: Path) -> str:
     return hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
 
@@ -300,11 +309,7 @@ class Up:
         self.token = self._token(env["UNROLL_DATABASE_URL"])
         # Ray's token, ours alone (unless the user chose Ray's auth mode themselves).
         if "RAY_AUTH_MODE" not in os.environ:
-            token_path = self.state / "ray-auth-token"
-            if not token_path.exists():
-                write_secret(token_path, secrets.token_hex(32))
-            env["RAY_AUTH_MODE"] = "token"
-            env["RAY_AUTH_TOKEN_PATH"] = str(token_path.resolve())
+            env.update(ray_token_env(self.state / "ray-auth-token"))
         env["UNROLL_REDIS_URL"] = settings.redis_url
         if "UNROLL_REDIS_PREFIX" not in os.environ:
             # A Redis shared with other checkouts (or their tests) must not mix queues:

@@ -42,12 +42,9 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     import tempfile
 
-    from service.up import write_secret
+    from service.up import ray_token_env
 
-    path = Path(tempfile.mkdtemp(prefix="unroll-tests-ray-")) / "auth_token"
-    write_secret(path, secrets.token_hex(32))
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    os.environ.update(ray_token_env(Path(tempfile.mkdtemp(prefix="unroll-tests-ray-")) / "auth_token"))
 
 
 def _answers(url: str) -> bool:
