@@ -4,6 +4,7 @@ lifespan (``open_runtime``), closed when it ends; nothing here connects at impor
 
 from __future__ import annotations
 
+import functools
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
@@ -15,12 +16,12 @@ from service.artifacts import ArtifactStore
 from service.auth import TokenCache
 from service.batching import Batcher
 from service.db import repo
-from service.db.session import autocommit_session, make_async_engine
+from service.db.session import autocommit_session, make_async_engine, run_autocommit
 from service.db.submit import JobInserts
 from service.keys import Keys
 from service.metrics import Metrics
 from service.queue import JobQueue
-from service.quota import Count, QueuedCounter
+from service.quota import QueuedCounter
 from service.settings import Settings
 
 # Redis calls of a request give up after this long (then 503), so a hung Redis cannot
@@ -84,18 +85,9 @@ def open_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         keys=Keys(settings.redis_prefix),
         store=ArtifactStore(settings.artifacts),
         tokens=TokenCache(settings.token_cache_seconds),
-        quota=QueuedCounter(_queued_counter(engine)),
+        # the quota's own recounts, each on a connection of its own
+        quota=QueuedCounter(functools.partial(run_autocommit, engine, repo.count_queued)),
         metrics=metrics,
         inserts=JobInserts(engine),
         enqueues=Batcher(queue.enqueue_many, shared=lambda exc: isinstance(exc, (RedisError, OSError))),
     )
-
-
-def _queued_counter(engine: AsyncEngine) -> Count:
-    """Counts a project's queued jobs on a connection of its own (the quota's recount)."""
-
-    async def count(project_id: str) -> int:
-        async with autocommit_session(engine) as session:
-            return await session.run_sync(repo.count_queued, project_id)
-
-    return count

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
@@ -27,6 +27,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.errors import DatabaseUnavailable
 from service.settings import get_settings
+
+T = TypeVar("T")
 
 _SYNC_DRIVERS = {"postgresql": "psycopg", "sqlite": "pysqlite"}
 _ASYNC_DRIVERS = {"postgresql": "asyncpg", "sqlite": "aiosqlite"}
@@ -251,3 +253,9 @@ async def autocommit_session(engine: AsyncEngine) -> AsyncIterator[AsyncSession]
         conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
         async with AsyncSession(bind=conn, expire_on_commit=False) as session:
             yield session
+
+
+async def run_autocommit(engine: AsyncEngine, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(session, *args)` (sync, like the repo's functions) in an autocommit_session."""
+    async with autocommit_session(engine) as session:
+        return await session.run_sync(fn, *args)

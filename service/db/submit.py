@@ -24,7 +24,7 @@ from service.batching import Batcher
 from service.db import repo
 from service.db.errors import DatabaseUnavailable
 from service.db.models import Job, JobState
-from service.db.session import autocommit_session, is_unavailable
+from service.db.session import is_unavailable, run_autocommit
 
 # Columns stored as JSON text (the engine's jsonb codec takes the serialized document).
 _JSON = frozenset({"tags", "config"})
@@ -40,11 +40,6 @@ def _parameters(values: Mapping[str, Any]) -> list[Any]:
             value = value.value
         out.append(value)
     return out
-
-
-async def _in_session(engine: AsyncEngine, fn: Any, *args: Any) -> Any:
-    async with autocommit_session(engine) as session:
-        return await session.run_sync(fn, *args)
 
 
 def _array_casts() -> list[str]:
@@ -84,10 +79,10 @@ class JobInserts:
         """Insert the job `values` (repo.new_job_values); a used Idempotency-Key returns the
         job that holds it. Returns (job, created); raises DatabaseUnavailable like a session."""
         if self.engine.dialect.driver != "asyncpg":
-            return await _in_session(self.engine, repo.insert_job, values)
+            return await run_autocommit(self.engine, repo.insert_job, values)
         if await self._batcher.submit(values):
             return repo.new_job_row(values), True
-        job = await _in_session(self.engine, repo.existing_job_for_key, values["project_id"], values["idempotency_key"])
+        job = await run_autocommit(self.engine, repo.existing_job_for_key, values["project_id"], values["idempotency_key"])
         return job, False
 
 
