@@ -144,14 +144,12 @@ class MlflowTracker(Callback):
         # recomputes the steps before it, so only this attempt can log them.
         self.close("FAILED" if failed else None)
 
-    def close(self, status: str | None = None, *, wait: bool = True) -> None:
+    def close(self, status: str | None = None) -> None:
         """Send what is left and end the run with `status` (None: leave it running, for a
         later attempt to continue). Waits at most CLOSE_TIMEOUT_S."""
         self._status = status
         self._done.set()
         self._wake.set()
-        if not wait:
-            return
         self._thread.join(CLOSE_TIMEOUT_S)
         if self._thread.is_alive():
             log.warning("job %s: MLflow did not take the last metrics within %.0fs", self.job_id, CLOSE_TIMEOUT_S)
