@@ -144,15 +144,11 @@ async def check_dataset(session: AsyncSession, config: JobConfig, project_id: st
         raise Invalid(f"{prefix}data.dataset", f"no dataset {dataset_id!r} in this project (POST /v1/datasets)") from None
 
 
-def stored_config(config: JobConfig) -> dict[str, Any]:
-    return config_dict(config)
-
-
 def job_fields(config: JobConfig) -> dict[str, Any]:
     """The columns of a job that come from its validated config (repo.create_job and
     repo.new_job_values take them as keywords)."""
     return {
-        "config": stored_config(config),
+        "config": config_dict(config),
         "name": config.name,
         "tags": config.tags,
         "priority": config.priority,
