@@ -131,9 +131,6 @@ class QueuedCounter:
         if estimate is not None:
             estimate[0] += n
 
-    def forget(self, project_id: str) -> None:
-        self._estimates.pop(project_id, None)
-
     async def close(self) -> None:
         """Stop the background refreshes, and start none (before the engine they count on
         closes)."""
