@@ -32,7 +32,7 @@ COPY service ./service
 COPY workers ./workers
 COPY examples ./examples
 # Editable, as in development: `unroll db upgrade` finds alembic.ini and migrations/ beside
-# the packages (service/db/migrate.py).
+# the packages (service/store/db/migrate.py).
 RUN pip install -c constraints.txt -e . \
     && unroll --help > /dev/null
 

@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 	touch $(STAMP)
 
 # The dashboard's assets, built from frontend/ (npm, pinned by package-lock.json) into
-# service/dashboard/static/ (git-ignored). make rebuilds only when a source changes.
-DASHBOARD := service/dashboard/static/app.js
+# service/api/dashboard/static/ (git-ignored). make rebuilds only when a source changes.
+DASHBOARD := service/api/dashboard/static/app.js
 NODE_MODULES := frontend/node_modules/.package-lock.json
 
 $(NODE_MODULES): frontend/package.json frontend/package-lock.json

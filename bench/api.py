@@ -258,9 +258,9 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="unroll-bench-api-"))
     processes: list[subprocess.Popen] = []
     try:
-        from service.db.migrate import upgrade
-        from service.db import repo
-        from service.db.session import make_engine
+        from service.store.db.migrate import upgrade
+        from service.store.db import repo
+        from service.store.db.session import make_engine
         from sqlalchemy.orm import Session
 
         upgrade(db_url)

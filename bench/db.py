@@ -32,9 +32,9 @@ from sqlalchemy.orm import Session
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.db import repo, states  # noqa: E402
-from service.db.migrate import upgrade  # noqa: E402
-from service.db.session import make_engine  # noqa: E402
+from service.store.db import repo, states  # noqa: E402
+from service.store.db.migrate import upgrade  # noqa: E402
+from service.store.db.session import make_engine  # noqa: E402
 
 ADMIN_URL = os.environ.get("UNROLL_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 BATCH = 1_000

@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 import psycopg  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
-from service.client import Client  # noqa: E402
-from service.db.migrate import upgrade  # noqa: E402
-from service.up import ray_token_env  # noqa: E402
+from service.cli.client import Client  # noqa: E402
+from service.store.db.migrate import upgrade  # noqa: E402
+from service.cli.up import ray_token_env  # noqa: E402
 
 POSTGRES_ADMIN_URL = os.environ.get("UNROLL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 RUN_TAG = f"bench-{secrets.token_hex(3)}"

@@ -1,4 +1,4 @@
-"""Alembic environment: the URL comes from the caller (service.db.migrate sets
+"""Alembic environment: the URL comes from the caller (service.store.db.migrate sets
 `sqlalchemy.url`, or passes a live connection in `config.attributes["connection"]`) or
 else from settings; the target is the models' metadata."""
 
@@ -8,10 +8,10 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
-from service.db.base import Base
-from service.db import models  # noqa: F401  (registers every table on Base.metadata)
-from service.db.session import make_engine, sync_url
-from service.settings import get_settings
+from service.store.db.base import Base
+from service.store.db import models  # noqa: F401  (registers every table on Base.metadata)
+from service.store.db.session import make_engine, sync_url
+from service.store.settings import get_settings
 
 config = context.config
 target_metadata = Base.metadata

@@ -42,7 +42,7 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     import tempfile
 
-    from service.up import ray_token_env
+    from service.cli.up import ray_token_env
 
     os.environ.update(ray_token_env(Path(tempfile.mkdtemp(prefix="unroll-tests-ray-")) / "auth_token"))
 
@@ -186,7 +186,7 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import psycopg
     import sqlalchemy as sa
 
-    from service.db.migrate import upgrade
+    from service.store.db.migrate import upgrade
 
     name = f"unroll_test_{secrets.token_hex(5)}"
     try:

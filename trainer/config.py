@@ -279,14 +279,23 @@ def parse_config(raw: dict[str, Any] | JobConfig) -> JobConfig:
         raise ConfigError(errors) from None
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML or JSON (`.json`) file, not yet validated; ConfigError when the
+    file cannot be read or holds something else. The one reader of config files (the
+    trainer's CLI, `unroll submit` and `unroll sweep`)."""
+    try:
+        text = Path(path).read_text()
+        raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError([("", f"cannot read {path}: {exc}")]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([("", f"{path}: the config must be a mapping")])
+    return raw
+
+
 def load_config(path: str | Path) -> JobConfig:
     """Read a YAML or JSON file (JSON is YAML) and validate it."""
-    text = Path(path).read_text()
-    try:
-        raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ConfigError([("", f"{path}: not valid YAML/JSON: {exc}")]) from None
-    return parse_config(raw)
+    return parse_config(read_config_file(path))
 
 
 def config_dict(config: JobConfig) -> dict[str, Any]:

@@ -25,33 +25,25 @@ import socket
 import tempfile
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import torch.distributed
 
-from trainer import checkpoint as ckpt
-from trainer.config import parse_config
+from service.store.db import repo
+from trainer.config import JobConfig
 from trainer.distributed import GroupCallbacks, Sync
 from trainer.loop import Callback, Summary, fit
+from workers.attempt import (
+    JOB_ERRORS,
+    AttemptSpec,
+    open_attempt,
+    sessions_for,
+    train_attempt,
+)
+from workers.reporter import JobReporter
 
 MAX_RESTARTS = 2  # group restarts inside one attempt before the attempt itself fails
-
-
-@dataclass(frozen=True)
-class KillRank(Callback):
-    """Test hook: rank `rank` dies (os._exit) after update `step`, once (the marker file
-    remembers), as a lost node would."""
-
-    rank: int
-    step: int
-    marker: str
-
-    def on_update(self, step, metrics):
-        if step == self.step and _world_rank() == self.rank and not os.path.exists(self.marker):
-            Path(self.marker).touch()
-            os._exit(1)
 
 
 class Sink(Protocol):
@@ -65,7 +57,7 @@ class Sink(Protocol):
 class RankTrainer:
     """What every rank runs: the shared start (checkpoint sent from rank 0), then `fit`."""
 
-    config: dict[str, Any]
+    config: JobConfig
     sync: Sync
     extra: tuple[Callback, ...] = ()
 
@@ -87,19 +79,14 @@ class RankTrainer:
 class JobSink:
     """The service's: the attempt's database rows and artifact store (workers/runner.py)."""
 
-    spec: Any  # workers.runner.AttemptSpec
+    spec: AttemptSpec
 
     def train_rank0(self, train: RankTrainer) -> None:
-        from workers.reporter import JobReporter
-        from workers.runner import open_attempt, train_attempt
-
         job = open_attempt(self.spec)
         reporter = JobReporter(job.attempt)
         train_attempt(reporter, lambda: train([reporter], job.load_checkpoint(), job.resolve, reporter.log))
 
     def train_other(self, train: RankTrainer) -> None:
-        from workers.runner import JOB_ERRORS, open_attempt
-
         job = open_attempt(self.spec)  # reads only: the config's datasets
         try:
             train([], None, job.resolve)
@@ -107,31 +94,7 @@ class JobSink:
             pass  # the same error happens on rank 0, which records it
 
 
-@dataclass(frozen=True)
-class DirSink:
-    """A folder, as `unroll train --out` writes it (metrics.jsonl, checkpoints/,
-    summary.json): for tests and benchmarks without the service."""
-
-    out: str
-
-    def train_rank0(self, train: RankTrainer) -> None:
-        from trainer.cli import FileReporter, latest_checkpoint
-
-        out = Path(self.out)
-        path = latest_checkpoint(out) if (out / "checkpoints").is_dir() else None
-        train([FileReporter(out)], ckpt.load(path) if path else None)
-
-    def train_other(self, train: RankTrainer) -> None:
-        train([], None)
-
-
 # -- the group --------------------------------------------------------------------------
-
-
-def _world_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _rank_main(loop_config: dict[str, Any]) -> None:
@@ -148,7 +111,7 @@ def _rank_main(loop_config: dict[str, Any]) -> None:
 
 
 def train_group(
-    config: dict[str, Any], sink: Sink, *, name: str, storage: str | None = None,
+    config: JobConfig, sink: Sink, *, name: str, storage: str | None = None,
     max_restarts: int = MAX_RESTARTS, extra: tuple[Callback, ...] = (),
 ) -> None:
     """Run a job config as a Ray Train group (Ray must be initialised). Raises if the
@@ -156,8 +119,7 @@ def train_group(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    job = parse_config(config)
-    res = job.resources
+    res = config.resources
     per_worker = {"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {})}
     trainer = TorchTrainer(
         _rank_main,
@@ -173,19 +135,16 @@ def train_group(
     trainer.fit()
 
 
-def run_group_attempt(spec: Any, config: dict[str, Any]) -> str:
+def run_group_attempt(spec: AttemptSpec, config: JobConfig) -> str:
     """The dispatcher's Ray task for a group job: drive the group, then read the outcome
     rank 0 wrote (the task holds no resources of its own; the ranks do)."""
-    from service.db import repo
-    from workers.runner import _sessions
-
     try:
         train_group(config, JobSink(spec), name=f"{spec.job_id}-a{spec.attempt}")
     except Exception:
         # The group failed past its restarts: the dispatcher retries the job from its
         # last checkpoint as a new attempt.
         raise RuntimeError(f"data-parallel group failed:\n{traceback.format_exc()[-2000:]}") from None
-    with _sessions(spec.database_url).begin() as session:
+    with sessions_for(spec.database_url).begin() as session:
         job = repo.get_job(session, spec.job_id)
         return job.state.value if job.attempt == spec.attempt else "stale"
 

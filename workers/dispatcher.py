@@ -51,16 +51,18 @@ import ray  # noqa: E402
 import redis.asyncio as aioredis
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import repo, states
-from service.db.base import utcnow
-from service.db.errors import DatabaseUnavailable, NotFound
-from service.db.models import JobState
-from service.db.session import make_engine
-from service.keys import Keys
-from service.queue import JobQueue
-from service.settings import Settings, get_settings
+from service.store.db import repo, states
+from service.store.db.base import utcnow
+from service.store.db.errors import DatabaseUnavailable, NotFound
+from service.store.db.models import JobState
+from service.store.db.session import make_engine
+from service.store.keys import Keys
+from service.store.queue import JobQueue
+from service.store.settings import Settings, get_settings
+from trainer.config import ResourcesConfig, parse_config
+from workers.attempt import AttemptSpec
 from workers.metrics import DispatcherMetrics
-from workers.runner import AttemptSpec, run_attempt
+from workers.runner import run_attempt, warm_up
 
 log = logging.getLogger("unroll.dispatcher")
 
@@ -80,9 +82,8 @@ class Needs:
     workers: int = 1  # data-parallel ranks (workers/ddp.py), each with cpus and gpus
 
     @classmethod
-    def of(cls, config: dict[str, Any]) -> "Needs":
-        resources = config.get("resources") or {}
-        return cls(float(resources.get("cpus", 1)), float(resources.get("gpus", 0)), int(resources.get("workers", 1)))
+    def of(cls, resources: ResourcesConfig) -> "Needs":
+        return cls(resources.cpus, resources.gpus, resources.workers)
 
     def fits(self, resources: dict[str, float]) -> bool:
         """The whole group fits in these (summed) resources."""
@@ -173,7 +174,7 @@ class Dispatcher:
                 namespace="unroll",
                 log_to_driver=False,
                 include_dashboard=False if not self.settings.ray_address else None,
-                runtime_env={"worker_process_setup_hook": "workers.runner.warm_up"},
+                runtime_env={"worker_process_setup_hook": warm_up},
             )
         self._remote = ray.remote(max_retries=0, retry_exceptions=False)(_run_on_ray)
 
@@ -227,7 +228,7 @@ class Dispatcher:
         except NotFound:
             await self.queue.ack(job_id, self.name)
             return
-        if job["state"] != JobState.QUEUED or job["cancel_requested"] or job["not_before"]:
+        if not job["claimable"]:
             await self.queue.ack(job_id, self.name)  # not runnable now; the reconciler re-offers it when due
             return
         if job["sweep_full"]:
@@ -235,7 +236,7 @@ class Dispatcher:
             await self.queue.release(job_id, self.name, job["priority"])
             await self._wait_for_capacity()
             return
-        needs = Needs.of(job["config"])
+        needs = job["needs"]
         totals = (await asyncio.to_thread(self._cluster)).nodes
         if not needs.fits_nodes(totals):
             biggest = max(totals, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
@@ -399,20 +400,19 @@ class Dispatcher:
 
 
 def _brief(session: Session, job_id: str) -> dict[str, Any]:
-    job = repo.get_job(session, job_id)
-    due = job.not_before is None or job.not_before <= utcnow()
+    job, claimable = repo.get_job_if_claimable(session, job_id)
     sweep_full = 0  # a sweep's max_parallel, when that many of its jobs already run
-    if job.sweep_id is not None:
+    if claimable and job.sweep_id is not None:
         limit = repo.get_sweep(session, job.sweep_id).max_parallel
         if limit and repo.count_running_in_sweep(session, job.sweep_id) >= limit:
             sweep_full = limit
     return {
+        "claimable": claimable,
         "sweep_full": sweep_full,
-        "state": job.state,
         "priority": job.priority,
-        "config": job.config,
-        "cancel_requested": job.cancel_requested_at is not None,
-        "not_before": not due,
+        # The stored config was validated at submission: its typed resources, with the
+        # trainer's own defaults, say what the attempt reserves.
+        "needs": Needs.of(parse_config(job.config).resources) if claimable else None,
         "first_attempt": job.attempt == 0,
         "created_at": job.created_at,
     }
@@ -423,7 +423,7 @@ def _node_totals() -> list[dict[str, float]]:
 
 
 def _ctx(job_id: str, attempt: int, worker: str) -> dict[str, Any]:
-    """The fields of a structured log line about one attempt (service.logs)."""
+    """The fields of a structured log line about one attempt (service.store.logs)."""
     return {"job_id": job_id, "attempt": attempt, "worker": worker}
 
 
@@ -434,7 +434,7 @@ def _short(exc: BaseException) -> str:
 
 def main() -> int:
     """`unroll worker`: run a dispatcher until SIGINT or SIGTERM."""
-    from service.logs import configure_logging
+    from service.store.logs import configure_logging
 
     configure_logging()
     settings = get_settings()

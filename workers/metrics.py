@@ -4,7 +4,7 @@ A dispatcher runs in its own process, often on another machine than the API. Ins
 scrape target per dispatcher (whose address Prometheus would have to discover), each
 dispatcher puts a snapshot of its metrics into the heartbeat it already writes to Redis
 every second (`Keys.dispatcher_heartbeat`, with a TTL); the API's `/metrics` renders every
-live heartbeat's snapshot with a `dispatcher` label (`service.metrics.DispatcherCollector`).
+live heartbeat's snapshot with a `dispatcher` label (`service.api.metrics.DispatcherCollector`).
 So one scrape of any API replica shows the whole cluster. A dispatcher that stops takes
 its series with it when its key expires, and a new one starts its counters from zero, as
 any restarted Prometheus target does (`rate()` and `increase()` handle the reset).

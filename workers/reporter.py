@@ -18,11 +18,11 @@ from typing import Any, Callable
 import redis
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import events
-from service.artifacts import ArtifactStore, Stored
-from service.db import repo, states
-from service.db.errors import StaleAttempt
-from service.keys import Keys
+from service.store import events
+from service.store.artifacts import ArtifactStore, Stored
+from service.store.db import repo, states
+from service.store.db.errors import StaleAttempt
+from service.store.keys import Keys
 from trainer import checkpoint as ckpt
 from trainer.loop import Callback, Summary
 

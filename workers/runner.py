@@ -1,63 +1,13 @@
-"""One attempt of one job, run inside a Ray worker: load, resume, train, report, finish.
-
-Everything the attempt needs is passed in explicitly (`AttemptSpec`): a Ray worker does not
-share the dispatcher's environment. The outcome is written by the attempt itself, fenced
-by its number; what it cannot decide (a crash, a lost node) is left to the dispatcher,
-which sees the Ray task fail, or to the lease, which expires.
-"""
+"""One attempt of one job, run as a Ray task: open it, resume, train, report, finish. A job
+with `resources.workers` > 1 runs as a data-parallel group instead (workers/ddp.py); this
+task only drives it. What both share is in workers/attempt.py."""
 
 from __future__ import annotations
 
-import logging
-import os
-import socket
-import tempfile
-import traceback
-from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
-from typing import Any, Callable
-
-import redis
-from sqlalchemy.orm import Session, sessionmaker
-
-from service.artifacts import ArtifactStore
-from service.db import repo, states
-from service.db.models import JobState
-from service.db.session import make_engine
-from trainer import checkpoint as ckpt
-from trainer.config import ConfigError
-from trainer.loop import NonFiniteError, Summary
 from workers import tracking
-from workers.reporter import Attempt, AttemptStale, JobReporter
-
-log = logging.getLogger("unroll.worker")
-
-# Failures of the job itself: retrying cannot help, so the job fails at once.
-JOB_ERRORS = (ConfigError, NonFiniteError)
-
-
-@dataclass(frozen=True)
-class AttemptSpec:
-    job_id: str
-    attempt: int
-    worker: str
-    database_url: str
-    redis_url: str
-    artifacts: str
-    lease_seconds: float
-    prefix: str = "unroll"
-
-
-@lru_cache(maxsize=4)
-def _sessions(database_url: str) -> sessionmaker[Session]:
-    # One engine per worker process and database, reused by every attempt it runs.
-    return sessionmaker(make_engine(database_url, pool_size=2, max_overflow=2), expire_on_commit=False)
-
-
-@lru_cache(maxsize=4)
-def _redis(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+from workers.attempt import AttemptEnded, AttemptSpec, open_attempt, train_attempt
+from workers.ddp import run_group_attempt
+from workers.reporter import JobReporter
 
 
 def warm_up() -> None:
@@ -71,13 +21,13 @@ def run_attempt(spec: AttemptSpec) -> str:
     """Run the attempt to its end; returns the state it wrote (or "stale").
 
     Raises for infrastructure failures (the dispatcher retries the job from its last
-    checkpoint); job errors end the job as failed here. A job with `resources.workers`
-    > 1 runs as a data-parallel group (workers/ddp.py); this task only drives it.
+    checkpoint); job errors end the job as failed here.
     """
-    job = open_attempt(spec)
-    if int((job.config.get("resources") or {}).get("workers", 1)) > 1:
-        from workers.ddp import run_group_attempt
-
+    try:
+        job = open_attempt(spec)
+    except AttemptEnded as ended:
+        return ended.outcome
+    if job.config.resources.workers > 1:
         return run_group_attempt(spec, job.config)
     resume = job.load_checkpoint()
     reporter = JobReporter(job.attempt)
@@ -85,84 +35,3 @@ def run_attempt(spec: AttemptSpec) -> str:
     return train_attempt(
         reporter, lambda: tracking.fit(spec.job_id, spec.attempt, job.config, [reporter], resume=resume, resolve=job.resolve)
     )
-
-
-@dataclass
-class OpenedAttempt:
-    """What an attempt reads before training: its job config, its latest checkpoint, and
-    how to find uploaded datasets."""
-
-    attempt: Attempt
-    config: dict[str, Any]
-    project_id: str
-    latest_uri: str | None
-
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        store = self.attempt.store
-        return ckpt.from_bytes(store.read_bytes(self.latest_uri)) if self.latest_uri else None
-
-    def resolve(self, dataset_id: str) -> Path:
-        with self.attempt.sessions.begin() as session:
-            uri = repo.get_dataset(session, dataset_id, project_id=self.project_id).uri
-        return self.attempt.store.local_path(uri, Path(tempfile.gettempdir()) / "unroll-datasets")
-
-
-def open_attempt(spec: AttemptSpec) -> OpenedAttempt:
-    sessions = _sessions(spec.database_url)
-    attempt = Attempt(
-        job_id=spec.job_id, number=spec.attempt, worker=spec.worker, sessions=sessions, store=ArtifactStore(spec.artifacts),
-        redis=_redis(spec.redis_url), prefix=spec.prefix, lease_seconds=spec.lease_seconds,
-    )
-    with sessions.begin() as session:
-        job = repo.get_job(session, spec.job_id)
-        latest = repo.latest_checkpoint(session, spec.job_id)
-        return OpenedAttempt(attempt, job.config, job.project_id, latest.uri if latest else None)
-
-
-def train_attempt(reporter: JobReporter, train: Callable[[], Summary]) -> str:
-    """Announce the attempt, train, and write its outcome (fenced by its number)."""
-    attempt = reporter.attempt
-    attempt.publish({"type": "state", "state": "running", "attempt": attempt.number, "worker": attempt.worker})
-    try:
-        summary = train()
-    except JOB_ERRORS as exc:
-        return _finish(reporter, JobState.FAILED, error=str(exc))
-    except Exception:
-        reporter.log(traceback.format_exc(), level="error")
-        try:
-            reporter.close()
-        except Exception:  # noqa: BLE001 - the original failure is the one to report
-            pass
-        raise
-    if reporter.stale:
-        reporter.abandon()
-        return "stale"
-    state = JobState.CANCELLED if summary.stopped == "cancelled" else JobState.SUCCEEDED
-    return _finish(reporter, state, summary=summary)
-
-
-def _finish(reporter: JobReporter, state: JobState, *, error: str | None = None, summary=None) -> str:
-    attempt = reporter.attempt
-    if error:
-        reporter.log(f"failed: {error}", level="error")
-    finished: list[bool] = []
-
-    def finish(session) -> None:
-        finished.append(states.finish(
-            session, attempt.job_id, attempt.number, state, error,
-            summary=summary.to_dict() if summary is not None else None,
-        ))
-
-    try:
-        # The last metrics, logs and checkpoint and the outcome: one transaction.
-        reporter.close(summary, then=finish)
-    except AttemptStale:
-        return "stale"
-    if not finished or not finished[0]:
-        return "stale"
-    attempt.publish({"type": "state", "state": state.value, "attempt": attempt.number, "error": error})
-    return state.value
-
-
-def default_worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer import loop
-from trainer.config import ConfigError
+from trainer.config import ConfigError, JobConfig, config_dict
 from trainer.loop import Callback, NonFiniteError, Summary
 
 log = logging.getLogger("unroll.worker")
@@ -47,11 +47,11 @@ CLOSE_TIMEOUT_S = 30.0
 MAX_BUFFERED = 200_000
 
 
-def fit(job_id: str, attempt: int, config: dict[str, Any], callbacks: list[Callback], **kwargs: Any) -> Summary:
+def fit(job_id: str, attempt: int, config: JobConfig, callbacks: list[Callback], **kwargs: Any) -> Summary:
     """`trainer.loop.fit` with the job's trackers after `callbacks`. When training raises,
     the trackers are closed: an MLflow run ends FAILED for a job error, and stays open for
     the next attempt after an infrastructure failure."""
-    trackers = for_job(job_id, attempt, config)
+    trackers = for_job(job_id, attempt, config_dict(config))
     try:
         return loop.fit(config, [*callbacks, *trackers], **kwargs)
     except BaseException as exc:

@@ -1,4 +1,4 @@
-// The API's shapes that the dashboard reads (service/schemas.py is the source of truth).
+// The API's shapes that the dashboard reads (service/api/schemas.py is the source of truth).
 
 export type State = "queued" | "running" | "succeeded" | "failed" | "cancelled";
 

@@ -1,1 +1,2 @@
-"""The HTTP routes, one module per resource (each with its own APIRouter and prefix)."""
+"""The HTTP API: the app factory, its dependencies, auth, schemas, errors, the submission
+path, and one router module per resource under routes/."""

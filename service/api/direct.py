@@ -4,7 +4,7 @@ FastAPI documents a DirectRoute from its declaration like any other, but calls i
 with the Request alone: no per-request parameter solving (query string, headers and cookies
 parsed into a dependency walk) and no response validation. On a submission that machinery
 was about a sixth of the API process's CPU (bench/api.py, profiled with py-spy). The
-endpoint reads its inputs with the same functions the dependencies use (service.deps) and
+endpoint reads its inputs with the same functions the dependencies use (service.api.deps) and
 returns a finished Response; what its signature no longer declares (headers, the bearer
 security, the body) it documents with `openapi_extra`. It takes no dependencies (it could
 not run them), and FastAPI's per-operation telemetry (UNROLL_OTEL) does not see it.

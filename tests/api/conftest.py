@@ -23,12 +23,12 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service.app import create_app
-from service.db import repo
-from service.db.base import Base
-from service.db.migrate import upgrade
-from service.db.session import make_engine
-from service.settings import Settings, get_settings
+from service.api.app import create_app
+from service.store.db import repo
+from service.store.db.base import Base
+from service.store.db.migrate import upgrade
+from service.store.db.session import make_engine
+from service.store.settings import Settings, get_settings
 from tests.api.helpers import ADMIN_TOKEN, LiveServer
 
 POSTGRES_ADMIN_URL = os.environ.get("UNROLL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

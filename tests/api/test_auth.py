@@ -8,7 +8,7 @@ import re
 import pytest
 from fastapi.routing import APIRoute
 
-from service.db import repo
+from service.store.db import repo
 from tests.api.helpers import ADMIN_TOKEN, JOB, auth
 
 pytestmark = pytest.mark.redis
@@ -108,7 +108,7 @@ async def test_no_admin_token_configured(client, settings):
 async def test_revoked_and_expired_tokens(client, db, app):
     from datetime import timedelta
 
-    from service.db.base import utcnow
+    from service.store.db.base import utcnow
 
     project = repo.get_or_create_project(db, "demo")
     expired, _ = repo.create_token(db, project.id, expires_at=utcnow() - timedelta(seconds=1))

@@ -15,11 +15,11 @@ import httpx
 import pytest
 from sqlalchemy.orm import Session
 
-from service.client import Client, read_client_config, write_client_config
-from service.db import repo, states
-from service.db.migrate import upgrade
-from service.db.models import JobState
-from service.db.session import make_engine
+from service.cli.client import Client, read_client_config, write_client_config
+from service.store.db import repo, states
+from service.store.db.migrate import upgrade
+from service.store.db.models import JobState
+from service.store.db.session import make_engine
 from tests.processes import free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]

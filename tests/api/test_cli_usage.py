@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import main
+from service.cli.main import main
 
 
 @pytest.mark.parametrize(
@@ -42,7 +42,7 @@ def test_a_bad_grid_is_one_error_line(tmp_path: Path, capsys):
 
 @pytest.mark.parametrize("command", [["submit"], ["sweep", "--grid", "tbptt.k1"]])
 def test_as_a_module_too(tmp_path: Path, command):
-    # `python -m service.cli` loads the file twice (as __main__ and as service.cli): the
+    # `python -m service.cli` loads the file twice (as __main__ and as service.cli.main): the
     # error raised in one must still be caught by the other
     path = tmp_path / "list.yaml"
     path.write_text("- 1\n")

@@ -9,10 +9,10 @@ import json
 import httpx
 import pytest
 
-from service import events
-from service.app import create_app
-from service.db import states
-from service.settings import Settings
+from service.store import events
+from service.api.app import create_app
+from service.store.db import states
+from service.store.settings import Settings
 from tests.api.helpers import JOB, auth
 
 pytestmark = pytest.mark.redis
@@ -67,7 +67,7 @@ async def test_late_subscriber_gets_state_then_live_events(live_server, make_tok
 
 
 async def test_client_events_iterator(live_server, make_token, settings, redis_client):
-    from service.client import Client
+    from service.cli.client import Client
 
     token = make_token()
     loop = asyncio.get_running_loop()
@@ -148,7 +148,7 @@ async def test_dependencies_down_are_503(settings: Settings, make_token, tmp_pat
 
 
 async def test_ready_with_a_dispatcher_heartbeat(client, redis_client, settings):
-    from service.keys import Keys
+    from service.store.keys import Keys
 
     keys = Keys(settings.redis_prefix)
     await redis_client.set(keys.dispatcher_heartbeat("d1"), json.dumps({"ray": "unreachable: boom"}), ex=10)

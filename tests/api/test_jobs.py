@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from service.db import repo, states
-from service.db.models import JobState
-from service.keys import Keys
+from service.store.db import repo, states
+from service.store.db.models import JobState
+from service.store.keys import Keys
 from tests.api.helpers import JOB, auth, job
 
 pytestmark = pytest.mark.redis

@@ -1,4 +1,4 @@
-"""The queued-jobs cap's estimate (service.quota): recounts are single-flight, exact at the
+"""The queued-jobs cap's estimate (service.api.quota): recounts are single-flight, exact at the
 edge, a stale estimate far from the limit is refreshed without holding requests, and a
 failed or abandoned recount does not strand the requests waiting on it."""
 
@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from service.quota import OverQuota, QueuedCounter
+from service.api.quota import OverQuota, QueuedCounter
 
 
 class SlowCount:

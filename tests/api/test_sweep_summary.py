@@ -2,7 +2,7 @@
 
 Jobs are driven directly in the database as a worker would (claim, insert_metrics,
 finish), with known numbers; the expected table is recomputed here with numpy from
-those numbers, independently of service.sweeps."""
+those numbers, independently of service.store.sweeps."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import math
 import numpy as np
 import pytest
 
-from service.db import repo, states
-from service.db.models import JobState
+from service.store.db import repo, states
+from service.store.db.models import JobState
 from tests.api.helpers import JOB, auth
 
 pytestmark = pytest.mark.redis

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from service.keys import Keys
+from service.store.keys import Keys
 from tests.api.helpers import JOB, auth
 
 pytestmark = pytest.mark.redis

@@ -25,9 +25,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.dashboard import built
-from service.db import repo
-from service.db.session import make_engine
+from service.api.dashboard import built
+from service.store.db import repo
+from service.store.db.session import make_engine
 from tests.processes import free_port, listening, ray_head
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,9 +9,9 @@ import os
 import httpx
 import pytest
 
-from service import dashboard
-from service.app import create_app
-from service.settings import Settings
+from service.api import dashboard
+from service.api.app import create_app
+from service.store.settings import Settings
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service.db.base import Base
-from service.db.migrate import upgrade
-from service.db.session import make_engine
-from service.settings import get_settings
+from service.store.db.base import Base
+from service.store.db.migrate import upgrade
+from service.store.db.session import make_engine
+from service.store.settings import get_settings
 
 POSTGRES_ADMIN_URL = os.environ.get("UNROLL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -129,14 +129,14 @@ CONFIG = {"model": {"cell": "lstm", "hidden_size": 8}, "data": {"kind": "recall"
 
 
 def make_project(session: Session, name: str = "demo"):
-    from service.db import repo
+    from service.store.db import repo
 
     return repo.get_or_create_project(session, name)
 
 
 def make_job(session: Session, *, project: str = "demo", commit: bool = True, **fields):
     """A queued job (committed unless told otherwise)."""
-    from service.db import repo
+    from service.store.db import repo
 
     project_row = make_project(session, project)
     fields.setdefault("config", CONFIG)
@@ -149,7 +149,7 @@ def make_job(session: Session, *, project: str = "demo", commit: bool = True, **
 
 def make_running(session: Session, worker: str = "w1", **fields):
     """A job claimed by `worker`: (job, attempt)."""
-    from service.db import states
+    from service.store.db import states
 
     job = make_job(session, **fields)
     attempt = states.claim(session, job.id, worker, 30)

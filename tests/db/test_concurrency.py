@@ -8,8 +8,8 @@ from collections import Counter
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service.db import states
-from service.db.session import make_engine
+from service.store.db import states
+from service.store.db.session import make_engine
 
 from .conftest import make_job
 

@@ -9,8 +9,9 @@ import random
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service.db import repo, states
-from service.db.models import METRIC_BLOCK_STEPS as B
+from service.store.db import repo, states
+from service.store.db.errors import StaleAttempt
+from service.store.db.models import METRIC_BLOCK_STEPS as B
 
 from .conftest import make_running
 
@@ -109,7 +110,7 @@ def test_a_stale_write_leaves_the_blocks_alone(session: Session) -> None:
     session.commit()
     try:
         repo.insert_metrics(session, job.id, attempt, [("loss", 5, -1.0)])
-    except repo.StaleAttempt:
+    except StaleAttempt:
         session.rollback()
     assert stored_blocks(session, job.id, "loss") == before
 

@@ -14,9 +14,9 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from service.db.base import Base
-from service.db.migrate import current, downgrade, upgrade
-from service.db.session import make_engine
+from service.store.db.base import Base
+from service.store.db.migrate import current, downgrade, upgrade
+from service.store.db.session import make_engine
 
 from .test_metric_blocks import brute_blocks, stored_blocks
 

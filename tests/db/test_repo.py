@@ -10,10 +10,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy.orm import Session
 
-from service.db import repo, states
-from service.db.base import utcnow
-from service.db.errors import NotFound, StaleAttempt
-from service.db.models import JobState
+from service.store.db import repo, states
+from service.store.db.base import utcnow
+from service.store.db.errors import NotFound, StaleAttempt
+from service.store.db.models import JobState
 
 from .conftest import make_job, make_project, make_running
 

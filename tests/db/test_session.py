@@ -10,10 +10,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service.db import repo, session as db_session, states
-from service.db.errors import DatabaseUnavailable
-from service.db.models import JobState
-from service.db.session import async_url, make_async_engine, make_engine, session_scope, sync_url
+from service.store.db import repo, session as db_session, states
+from service.store.db.errors import DatabaseUnavailable
+from service.store.db.models import JobState
+from service.store.db.session import async_url, make_async_engine, make_engine, session_scope, sync_url
 
 from .conftest import make_job
 

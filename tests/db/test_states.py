@@ -8,10 +8,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service.db import repo, states
-from service.db.base import utcnow
-from service.db.errors import IllegalTransition, NotFound, StaleAttempt
-from service.db.models import Attempt, AttemptOutcome, Job, JobState
+from service.store.db import repo, states
+from service.store.db.base import utcnow
+from service.store.db.errors import IllegalTransition, NotFound, StaleAttempt
+from service.store.db.models import Attempt, AttemptOutcome, Job, JobState
 
 from .conftest import make_job, make_running
 
@@ -31,7 +31,7 @@ def test_claim_turns_queued_into_running_attempt_1(session: Session) -> None:
     assert (job.state, job.attempt, job.lease_owner, job.worker) == (JobState.RUNNING, 1, "w1", "w1")
     assert job.lease_expires_at == now + timedelta(seconds=30)
     assert job.started_at == now
-    (attempt,) = repo.list_attempts(session, job.id)
+    (attempt,) = states.list_attempts(session, job.id)
     assert (attempt.number, attempt.worker, attempt.outcome) == (1, "w1", None)
 
 
@@ -87,7 +87,7 @@ def test_expired_leases_and_requeue_with_next_attempt(session: Session) -> None:
     job = fresh(session, job.id)
     assert (job.state, job.attempt, job.lease_expires_at, job.error) == (JobState.QUEUED, 1, None, None)
     # the lost attempt is closed, and the next claim runs as attempt + 1
-    assert repo.list_attempts(session, job.id)[0].outcome is AttemptOutcome.LOST
+    assert states.list_attempts(session, job.id)[0].outcome is AttemptOutcome.LOST
     assert states.claim(session, job.id, "w2", 30) == 2
     # requeueing the old attempt again is refused (it is stale)
     assert states.requeue_lost(session, job.id, 1, now=later + timedelta(hours=1)) is None
@@ -130,7 +130,7 @@ def test_finish_by_the_running_attempt(session: Session, final: JobState) -> Non
     job = fresh(session, job.id)
     assert (job.state, job.error, job.summary) == (final, error, {"steps": 7})
     assert job.finished_at is not None and job.lease_expires_at is None
-    assert repo.list_attempts(session, job.id)[0].outcome.value == final.value
+    assert states.list_attempts(session, job.id)[0].outcome.value == final.value
     # finishing twice, or from another state, is refused and changes nothing
     assert not states.finish(session, job.id, attempt, JobState.SUCCEEDED)
     assert fresh(session, job.id).state is final

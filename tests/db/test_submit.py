@@ -1,4 +1,4 @@
-"""The API's submission insert (service.db.submit): on PostgreSQL, concurrent submissions
+"""The API's submission insert (service.api.submit): on PostgreSQL, concurrent submissions
 are group-committed, and the batching changes nothing a request can see."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service.db import repo
-from service.db.models import Job, JobState
-from service.db.session import make_async_engine
-from service.db import submit
-from service.db.submit import JobInserts
+from service.store.db import repo
+from service.store.db.models import Job, JobState
+from service.store.db.session import make_async_engine
+from service.api import submit
+from service.api.submit import JobInserts
 
 from .conftest import make_project
 

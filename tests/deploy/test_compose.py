@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.cli import build_parser
-from service.settings import Settings
+from service.cli.main import build_parser
+from service.store.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 THIRD_PARTY_IMAGES = ("postgres:", "redis:")
@@ -112,7 +112,7 @@ def test_every_unroll_variable_is_a_setting(services):
         for key in environment:
             if key.startswith("UNROLL_"):
                 seen.add(key)
-                assert key in fields, f"{name}: {key} is not a field of service.settings.Settings"
+                assert key in fields, f"{name}: {key} is not a field of service.store.settings.Settings"
     assert {"UNROLL_DATABASE_URL", "UNROLL_REDIS_URL", "UNROLL_RAY_ADDRESS", "UNROLL_ARTIFACTS"} <= seen
 
 

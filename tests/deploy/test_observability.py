@@ -9,8 +9,8 @@ import logging
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.logs import JsonFormatter
-from service.metrics import Metrics
+from service.store.logs import JsonFormatter
+from service.api.metrics import Metrics
 from workers.metrics import DispatcherMetrics
 
 

@@ -27,7 +27,7 @@ try:
 except ImportError:
     mlflow = None
 
-from service.up import MARKER, find_redis_server, ray_temp_dir
+from service.cli.up import MARKER, find_redis_server, ray_temp_dir
 from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,15 +14,17 @@ import torch
 
 from tests.distributed.ranks import run_single
 from trainer import checkpoint as ckpt
-from workers.ddp import DirSink, KillRank, group_is_placeable, train_group
+from tests.distributed.sinks import DirSink, KillRank
+from trainer.config import JobConfig, parse_config
+from workers.ddp import group_is_placeable, train_group
 
 pytestmark = pytest.mark.slow
 
 STEPS = 14
 
 
-def config(workers: int) -> dict:
-    return {
+def config(workers: int) -> JobConfig:
+    return parse_config({
         "model": {"cell": "lstm", "hidden_size": 16, "num_layers": 1},
         "data": {"kind": "recall", "vocab": 5, "lag": 3, "length": 160, "batch_size": 4, "valid_length": 64},
         "tbptt": {"k1": 6},
@@ -30,7 +32,7 @@ def config(workers: int) -> dict:
         "optim": {"name": "adam", "lr": 0.01},
         "train": {"max_steps": STEPS, "eval_every": 7, "checkpoint_every": 5, "seed": 2, "device": "cpu"},
         "resources": {"cpus": 1, "workers": workers},
-    }
+    })
 
 
 @pytest.fixture(scope="module")

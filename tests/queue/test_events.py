@@ -9,8 +9,8 @@ import math
 import pytest
 import redis.asyncio as aioredis
 
-from service.events import EventType, encode, publish, subscribe
-from service.keys import Keys
+from service.store.events import EventType, encode, publish, subscribe
+from service.store.keys import Keys
 
 pytestmark = pytest.mark.redis
 

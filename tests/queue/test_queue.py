@@ -11,8 +11,8 @@ from collections import Counter
 import pytest
 import redis.asyncio as aioredis
 
-from service.keys import Keys
-from service.queue import ENQUEUE_CHUNK, JobQueue
+from service.store.keys import Keys
+from service.store.queue import ENQUEUE_CHUNK, JobQueue
 
 pytestmark = pytest.mark.redis
 

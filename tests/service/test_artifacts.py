@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from service.artifacts import ArtifactStore, TooLarge
+from service.store.artifacts import ArtifactStore, TooLarge
 
 
 @pytest.fixture(params=["local", "memory"])

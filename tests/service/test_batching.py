@@ -1,4 +1,4 @@
-"""service.batching.Batcher: concurrent items share a write, results go to the right
+"""service.api.batching.Batcher: concurrent items share a write, results go to the right
 callers, a bad item fails alone, and no caller is ever left waiting."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from service.batching import Batcher
+from service.api.batching import Batcher
 
 
 class Writes:

@@ -20,8 +20,8 @@ import pytest
 import redis as redis_sync
 import sqlalchemy as sa
 
-from service.db import repo
-from service.db.session import make_engine
+from service.store.db import repo
+from service.store.db.session import make_engine
 from sqlalchemy.orm import Session
 from tests.processes import free_port, listening, ray_head
 

@@ -1,4 +1,4 @@
-"""service.sweeps (the table's arithmetic and renderings) and the pieces of `unroll sweep`
+"""service.store.sweeps (the table's arithmetic and renderings) and the pieces of `unroll sweep`
 that need no server: grid parsing and k2 following k1."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import io
 
 import pytest
 
-from service.sweep_cli import GridError, k2_follows_k1, parse_grid
-from service.sweeps import JobOutcome, render_table, sorted_rows, stat, summarize, task_metric, to_csv
+from service.cli.sweep import GridError, k2_follows_k1, parse_grid
+from service.store.sweeps import JobOutcome, render_table, sorted_rows, stat, summarize, task_metric, to_csv
 
 
 def test_parse_grid_reads_yaml_scalars():

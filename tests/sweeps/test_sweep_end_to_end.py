@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.client import Client
+from service.cli.client import Client
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -30,7 +30,7 @@ def test_recall_truncation_sweep_shows_the_learnability_threshold(service, tmp_p
     path.write_text(yaml.safe_dump(config))
 
     started = time.monotonic()
-    result = service.cli("sweep", str(path), "--grid", "tbptt.k1=16,4", "--max-parallel", "2", "--wait", "--interval", "1", timeout=540)
+    result = service.cli.main("sweep", str(path), "--grid", "tbptt.k1=16,4", "--max-parallel", "2", "--wait", "--interval", "1", timeout=540)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{service.tails()}"
     assert "k2 follows" in result.stderr
     sweep_id = result.stdout.splitlines()[0]

@@ -17,10 +17,10 @@ import pytest
 import redis as redis_sync
 from sqlalchemy.orm import sessionmaker
 
-from service.db import repo
-from service.db.models import Job, JobState
-from service.db.session import make_engine
-from service.queue import JobQueue
+from service.store.db import repo
+from service.store.db.models import Job, JobState
+from service.store.db.session import make_engine
+from service.store.queue import JobQueue
 from tests.processes import free_port, listening, ray_head
 
 ROOT = Path(__file__).resolve().parents[2]

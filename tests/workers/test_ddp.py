@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from service.artifacts import ArtifactStore
-from service.db import repo
-from service.db.models import JobState
+from service.store.artifacts import ArtifactStore
+from service.store.db import repo
+from service.store.db.models import JobState
 from trainer import checkpoint as ckpt
 
 from tests.workers.test_end_to_end import TERMINAL, tiny_config, undisturbed_losses

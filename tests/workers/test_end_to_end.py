@@ -9,9 +9,9 @@ import time
 import redis
 from trainer.loop import Callback, fit
 
-from service.artifacts import ArtifactStore
-from service.db import repo, states
-from service.db.models import JobState
+from service.store.artifacts import ArtifactStore
+from service.store.db import repo, states
+from service.store.db.models import JobState
 
 TERMINAL = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
 
@@ -151,4 +151,4 @@ def test_a_job_no_node_can_hold_stays_queued_and_says_why(stack):
 
 def _attempts(stack, job_id):
     with stack.sessions.begin() as session:
-        return repo.list_attempts(session, job_id)
+        return states.list_attempts(session, job_id)

@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from service.client import Client
+from service.cli.client import Client
 from tests.processes import free_port
 
 CONFIG = {

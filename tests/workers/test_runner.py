@@ -9,8 +9,8 @@ import time
 
 import sqlalchemy as sa
 
-from service.db import repo, states
-from service.db.models import Checkpoint, JobLog, JobState, Metric
+from service.store.db import repo, states
+from service.store.db.models import Checkpoint, JobLog, JobState, Metric
 from workers.runner import AttemptSpec, run_attempt
 
 CONFIG = {

@@ -1,0 +1,256 @@
+"""/v1/sweeps: a grid of jobs submitted together (SPEC §5).
+
+A sweep expands `grid` ({dotted.path: [values]}) into its Cartesian product, times `seeds`
+(train.seed = base seed + 0 .. seeds - 1). Every point is validated exactly like a single
+submission before anything is written, and the sweep and all its jobs are created in one
+transaction: a sweep exists whole or not at all. The queue writes follow the commit.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query, Response, status
+from redis.exceptions import RedisError
+
+from service.api.deps import ProjectDep, RuntimeDep
+from service.api.errors import ApiError, Invalid
+from service.api.errors import responses as error_responses
+from service.api.quota import counter
+from service.api.routes.jobs import enqueue_after_commit
+from service.api.schemas import SweepCancelled, SweepCreate, SweepJob, SweepPublic
+from service.api.submission import check_config, check_dataset, data_field, job_fields
+from service.store import sweeps
+from service.store.db import repo, states
+from service.store.db.base import utcnow
+from service.store.db.models import Job, JobState
+from trainer.config import JobConfig
+
+router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
+
+SweepId = Annotated[str, Path(min_length=1, max_length=64, description="A sweep id (`swp_...`)")]
+
+_MISSING = object()
+
+
+def set_path(config: dict[str, Any], path: str, value: Any) -> None:
+    """config[a][b][c] = value for path "a.b.c", creating sections as needed."""
+    parts = path.split(".")
+    node = config
+    for part in parts[:-1]:
+        child = node.get(part, _MISSING)
+        if child is _MISSING or child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise Invalid(f"grid.{path}", f"{part} is not a section of the job configuration")
+        node = child
+    node[parts[-1]] = value
+
+
+get_path = sweeps.get_path
+
+
+def expand(body: SweepCreate) -> list[tuple[dict[str, Any], dict[str, Any], int]]:
+    """Every (config, grid point, seed) of the sweep, before validation."""
+    for path, values in body.grid.items():
+        if not path or any(not p for p in path.split(".")):
+            raise Invalid(f"grid.{path}", "must be a dotted path such as tbptt.k1")
+        if not values:
+            raise Invalid(f"grid.{path}", "needs at least one value")
+    base_seed = get_path(body.base, "train.seed")
+    if not isinstance(base_seed, int) or isinstance(base_seed, bool):
+        base_seed = 0
+    paths = list(body.grid)
+    points = []
+    for values in itertools.product(*(body.grid[p] for p in paths)):
+        point = dict(zip(paths, values))
+        for offset in range(body.seeds):
+            config = copy.deepcopy(body.base)
+            for path, value in point.items():
+                set_path(config, path, value)
+            seed = base_seed + offset
+            if "train.seed" not in point:
+                set_path(config, "train.seed", seed)
+            points.append((config, point, seed))
+    return points
+
+
+def _point_name(base_name: str | None, point: dict[str, Any], seed: int, seeds: int) -> str | None:
+    parts = [f"{path.rsplit('.', 1)[-1]}={value}" for path, value in point.items()]
+    if seeds > 1:
+        parts.append(f"seed={seed}")
+    label = ",".join(parts)
+    name = f"{base_name} {label}".strip() if base_name else label
+    return name[:200] or None
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=SweepPublic,
+    summary="Submit a sweep: the grid's Cartesian product times seeds",
+    responses=error_responses(400, 401, 413, 422, 429, 503),
+)
+async def create_sweep(body: SweepCreate, project: ProjectDep, runtime: RuntimeDep) -> SweepPublic:
+    settings = runtime.settings
+    n = max(1, len(list(itertools.product(*body.grid.values())))) * body.seeds
+    if n > settings.max_sweep_jobs:
+        raise Invalid("grid", f"the sweep expands to {n} jobs; at most {settings.max_sweep_jobs} are allowed")
+    configs: list[tuple[JobConfig, dict[str, Any], int]] = []
+    for raw, point, seed in expand(body):
+        try:
+            config = check_config(raw, settings, prefix="base.")
+        except ApiError as exc:
+            raise _blame_grid(exc, point) from None
+        name = _point_name(body.name or config.name, point, seed, body.seeds)
+        if name != config.name:
+            config.name = name
+        configs.append((config, point, seed))
+    async with runtime.sessions() as session, session.begin():
+        checked: set[str] = set()
+        for config, _, _ in configs:
+            dataset = data_field(config, "dataset")
+            if dataset is not None and dataset not in checked:
+                checked.add(dataset)
+                await check_dataset(session, config, project.project_id, prefix="base.")
+        await runtime.quota.check(project.project_id, len(configs), settings.max_queued_per_project, counter(session))
+        public, queued = await session.run_sync(_create, project.project_id, body, configs)
+    runtime.quota.added(project.project_id, len(queued))
+    runtime.metrics.submissions.inc(len(queued))
+    await enqueue_after_commit(runtime, queued)
+    return public
+
+
+def _blame_grid(exc: ApiError, point: dict[str, Any]) -> ApiError:
+    """An error at a field the grid sets is the grid's, not the base's."""
+    field = (exc.field or "").removeprefix("base.")
+    for path, value in point.items():
+        if field == path or field.startswith(f"{path}.") or path.startswith(f"{field}."):
+            return Invalid(f"grid.{path}", f"value {value!r}: {exc.message.split(': ', 1)[-1]}")
+    return exc
+
+
+def _create(session, project_id: str, body: SweepCreate, configs) -> tuple[SweepPublic, list[tuple[str, int]]]:
+    sweep = repo.create_sweep(
+        session,
+        project_id=project_id,
+        base=body.base,
+        grid=body.grid,
+        seeds=body.seeds,
+        max_parallel=body.max_parallel,
+        name=body.name,
+    )
+    queued = []
+    for config, _, _ in configs:
+        job, _ = repo.create_job(session, project_id=project_id, sweep_id=sweep.id, **job_fields(config))
+        queued.append((job.id, job.priority))
+    return _summary(session, sweep), queued
+
+
+def _summary(session, sweep) -> SweepPublic:
+    """The sweep as the API shows it: its jobs one by one, and the comparison table."""
+    jobs: list[Job] = repo.list_sweep_jobs(session, sweep.id)
+    counts = repo.sweep_state_counts(session, sweep.id)
+    metric, goal = sweeps.task_metric(sweep.base)
+    base_seed = get_path(sweep.base, "train.seed")
+    now = utcnow()
+    rows, outcomes = [], []
+    for job in jobs:
+        state = JobState(job.state).value
+        started = job.started_at is not None
+        # A job that never ran has no metrics: skip its queries.
+        evaluations = repo.read_series(session, job.id, names=[metric])[metric] if started else []
+        latest: dict[str, float | None] = {}
+        summary = job.summary
+        if summary is None and started:
+            latest = {name: value for name, (_, value) in repo.last_metrics(session, job.id).items()}
+            summary = latest
+        point = {path: get_path(job.config, path) for path in sweep.grid}
+        seed = get_path(job.config, "train.seed")
+        rows.append(
+            SweepJob(
+                job_id=job.id,
+                point=point,
+                seed=seed if isinstance(seed, int) else (base_seed or 0),
+                state=state,
+                progress=job.progress,
+                step=job.step,
+                summary=summary,
+            )
+        )
+        outcomes.append(
+            sweeps.JobOutcome(
+                job_id=job.id,
+                config=job.config,
+                state=state,
+                step=job.step,
+                started=started,
+                summary=job.summary,
+                evaluations=evaluations,
+                running_s=(now - job.started_at).total_seconds() if started and job.summary is None else None,
+                latest=latest,
+            )
+        )
+    return SweepPublic(
+        id=sweep.id,
+        name=sweep.name,
+        state=repo.sweep_state(counts),
+        created_at=sweep.created_at,
+        cancel_requested=sweep.cancel_requested_at is not None,
+        base=sweep.base,
+        grid=sweep.grid,
+        seeds=sweep.seeds,
+        max_parallel=sweep.max_parallel,
+        counts={state.value: n for state, n in counts.items()},
+        jobs=rows,
+        summary=sweeps.summarize(sweep.grid, sweep.seeds, outcomes, metric, goal),
+    )
+
+
+@router.get(
+    "/{sweep_id}",
+    response_model=SweepPublic,
+    summary="A sweep's state, its jobs, and the summary table: one row per grid point",
+    responses={
+        **error_responses(401, 404, 422, 503),
+        200: {"content": {"text/csv": {"schema": {"type": "string"}}}, "description": "The sweep (JSON), or with format=csv its summary rows"},
+    },
+)
+async def get_sweep(
+    sweep_id: SweepId,
+    project: ProjectDep,
+    runtime: RuntimeDep,
+    format: Annotated[Literal["json", "csv"], Query(description="csv: the summary rows as text/csv")] = "json",
+):
+    async with runtime.sessions() as session:
+        public = await session.run_sync(lambda s: _summary(s, repo.get_sweep(s, sweep_id, project.project_id)))
+    if format == "csv":
+        return Response(
+            sweeps.to_csv(public.summary.model_dump()),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{sweep_id}.csv"'},
+        )
+    return public
+
+
+@router.post(
+    "/{sweep_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=SweepCancelled,
+    summary="Cancel every unfinished job of a sweep (idempotent)",
+    responses=error_responses(401, 404, 503),
+)
+async def cancel_sweep(sweep_id: SweepId, project: ProjectDep, runtime: RuntimeDep) -> SweepCancelled:
+    async with runtime.sessions() as session, session.begin():
+        await session.run_sync(repo.get_sweep, sweep_id, project.project_id)
+        cancelled = await session.run_sync(states.cancel_sweep, sweep_id)
+        jobs = await session.run_sync(repo.list_sweep_jobs, sweep_id)
+        removable = [j.id for j in jobs if j.state == JobState.CANCELLED]
+    for job_id in removable:
+        try:
+            await runtime.queue.remove(job_id)
+        except (RedisError, OSError):  # a claim finds the job cancelled anyway
+            break
+    return SweepCancelled(id=sweep_id, cancelled=cancelled)

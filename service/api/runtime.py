@@ -1,0 +1,97 @@
+"""What the API holds while it runs: the database engine and sessions, the Redis client,
+the dispatch queue, the artifact store and the small in-process caches. Built by the app's
+lifespan (``open_runtime``), closed when it ends; nothing here connects at import time."""
+
+from __future__ import annotations
+
+import functools
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from service.api.auth import TokenCache
+from service.api.batching import Batcher
+from service.api.metrics import Metrics
+from service.api.quota import QueuedCounter
+from service.api.submit import JobInserts
+from service.store.artifacts import ArtifactStore
+from service.store.db import repo
+from service.store.db.session import (
+    autocommit_session,
+    make_async_engine,
+    run_autocommit,
+)
+from service.store.keys import Keys
+from service.store.queue import JobQueue
+from service.store.settings import Settings
+
+# Redis calls of a request give up after this long (then 503), so a hung Redis cannot
+# hold requests forever.
+REDIS_SOCKET_TIMEOUT_S = 5.0
+REDIS_CONNECT_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    redis: aioredis.Redis
+    queue: JobQueue
+    keys: Keys
+    store: ArtifactStore
+    tokens: TokenCache
+    quota: QueuedCounter
+    metrics: Metrics
+    inserts: JobInserts  # submissions, group-committed
+    enqueues: Batcher[tuple[str, int], bool]  # their queue writes, likewise
+
+    def autocommit(self) -> AbstractAsyncContextManager[AsyncSession]:
+        """service.store.db.session.autocommit_session on this runtime's engine."""
+        return autocommit_session(self.engine)
+
+    async def close(self) -> None:
+        await self.quota.close()
+        await self.redis.aclose()
+        await self.engine.dispose()
+
+
+def open_runtime(settings: Settings, metrics: Metrics) -> Runtime:
+    overrides = {}
+    if settings.database_url.startswith(("postgres://", "postgresql")):
+        # No pre-ping: on asyncpg it costs three round trips (BEGIN, ping, ROLLBACK) per
+        # checkout, more than a submission's own write. A connection the server dropped
+        # fails its request with a 503 instead and is discarded (invalidated), so after a
+        # database restart each pooled connection costs one failed request.
+        overrides = {
+            "pool_size": settings.db_pool_size,
+            "max_overflow": settings.db_max_overflow,
+            "pool_pre_ping": False,
+            "pool_recycle": 1800,
+        }
+    engine = make_async_engine(settings.database_url, **overrides)
+    redis = aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        health_check_interval=30,
+    )
+    queue = JobQueue(redis, settings.redis_prefix)
+    return Runtime(
+        settings=settings,
+        engine=engine,
+        sessions=async_sessionmaker(engine, expire_on_commit=False),
+        redis=redis,
+        queue=queue,
+        keys=Keys(settings.redis_prefix),
+        store=ArtifactStore(settings.artifacts),
+        tokens=TokenCache(settings.token_cache_seconds),
+        # the quota's own recounts, each on a connection of its own
+        quota=QueuedCounter(functools.partial(run_autocommit, engine, repo.count_queued)),
+        metrics=metrics,
+        inserts=JobInserts(engine),
+        enqueues=Batcher(queue.enqueue_many, shared=lambda exc: isinstance(exc, (RedisError, OSError))),
+    )

@@ -1,0 +1,163 @@
+"""What makes a job configuration acceptable to this deployment, beyond its schema.
+
+``trainer.config.parse_config`` decides whether a config is well formed (the very check the
+trainer runs); this module adds the service's own rules: the model-size cap, data paths
+only inside ``UNROLL_DATA_ROOTS``, datasets of the caller's project, and numbers that fit
+the database columns. Errors are 422s naming the field, with a `prefix` for configs nested
+in a request (a sweep's `base.`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.api.errors import ApiError, Invalid, config_invalid
+from service.store.db import repo
+from service.store.db.errors import NotFound
+from service.store.settings import Settings
+from trainer.config import (
+    ConfigError,
+    JobConfig,
+    config_dict,
+    parameter_count,
+    parse_config,
+)
+
+# jobs.priority is a 32-bit column; the queue scores priorities as doubles.
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)
+# jobs.max_steps is a 64-bit column.
+MAX_STEPS_LIMIT = 2**63 - 1
+
+
+class BadJson(ApiError):
+    def __init__(self, message: str) -> None:
+        super().__init__(400, "invalid_json", message)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _nul_path(value: Any, path: str = "") -> str | None:
+    """The path of the first string holding a NUL character (no database stores one)."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            sub = f"{path}.{key}" if path else str(key)
+            if "\x00" in str(key):
+                return sub
+            found = _nul_path(item, sub)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _nul_path(item, f"{path}.{index}" if path else str(index))
+            if found is not None:
+                return found
+    return None
+
+
+def loads(body: bytes) -> Any:
+    """JSON text to a value: 400 for malformed JSON or NaN/Infinity, 422 for NUL characters."""
+    if not body.strip():
+        raise BadJson("the request body is empty; send a JSON object")
+    try:
+        value = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BadJson(f"invalid JSON: {exc}") from None
+    bad = _nul_path(value)
+    if bad is not None:
+        raise Invalid(bad or None, "must not contain NUL characters")
+    return value
+
+
+async def read_json(request: Request) -> Any:
+    return loads(await request.body())
+
+
+def check_config(raw: Any, settings: Settings, prefix: str = "") -> JobConfig:
+    """parse_config plus this deployment's rules (see the module docstring)."""
+    try:
+        config = parse_config(raw)
+    except ConfigError as exc:
+        raise config_invalid(exc, prefix) from None
+    low, high = PRIORITY_RANGE
+    if not low <= config.priority <= high:
+        raise Invalid(f"{prefix}priority", f"must be between {low} and {high}")
+    if config.train.max_steps is not None and config.train.max_steps > MAX_STEPS_LIMIT:
+        raise Invalid(f"{prefix}train.max_steps", f"must be <= {MAX_STEPS_LIMIT}")
+    params = parameter_count(config)
+    if params > settings.max_params:
+        raise Invalid(
+            f"{prefix}model",
+            f"the model has {params:,} parameters; this service allows at most {settings.max_params:,}"
+            " (UNROLL_MAX_PARAMS): lower model.hidden_size, num_layers or embedding_dim",
+        )
+    data = config.data
+    for name in ("path", "valid_path"):
+        value = data_field(config, name)
+        if value is not None:
+            resolved = inside_data_roots(value, settings.data_roots)
+            if resolved is None:
+                roots = ", ".join(str(r) for r in settings.data_roots) or "none configured"
+                raise Invalid(
+                    f"{prefix}data.{name}",
+                    f"must be a file inside the data roots (UNROLL_DATA_ROOTS: {roots}); use data.dataset to upload",
+                )
+            # Store the resolved path: what the API checked is what the worker opens.
+            setattr(data, name, str(resolved))
+    return config
+
+
+def data_field(config: JobConfig, name: str) -> Any:
+    """`config.data.<name>`, or None where this kind of data has no such field. (Asked
+    with getattr's default, a pydantic model raises and catches an AttributeError through
+    its metaclass: a measurable part of a submission's CPU time.)"""
+    data = config.data
+    return getattr(data, name) if name in type(data).model_fields else None
+
+
+def inside_data_roots(path: str, roots: list[Path]) -> Path | None:
+    """`path` with every symlink and `..` resolved, if that lies inside one of `roots`
+    (also resolved); None otherwise. A relative path is taken relative to each root."""
+    if not path or "\x00" in path:
+        return None
+    candidate = Path(path)
+    for root in roots:
+        real_root = Path(os.path.realpath(root))
+        target = candidate if candidate.is_absolute() else real_root / candidate
+        real = Path(os.path.realpath(target))
+        if real == real_root or real.is_relative_to(real_root):
+            if real != real_root:
+                return real
+    return None
+
+
+async def check_dataset(session: AsyncSession, config: JobConfig, project_id: str, prefix: str = "") -> None:
+    dataset_id = data_field(config, "dataset")
+    if dataset_id is None:
+        return
+    try:
+        await session.run_sync(repo.get_dataset, dataset_id, project_id)
+    except NotFound:
+        raise Invalid(f"{prefix}data.dataset", f"no dataset {dataset_id!r} in this project (POST /v1/datasets)") from None
+
+
+def job_fields(config: JobConfig) -> dict[str, Any]:
+    """The columns of a job that come from its validated config (repo.create_job and
+    repo.new_job_values take them as keywords)."""
+    return {
+        "config": config_dict(config),
+        "name": config.name,
+        "tags": config.tags,
+        "priority": config.priority,
+        "max_attempts": config.max_attempts,
+        "max_steps": config.train.max_steps,
+    }

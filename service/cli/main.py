@@ -1,0 +1,340 @@
+"""The `unroll` command: one entry point, one sub-command per role or action (SPEC §6).
+
+Each sub-command's module is imported only when it runs, so `unroll train` needs no
+service dependencies at start-up and `unroll --help` stays fast.
+
+    train                      trainer.cli (local, no services)
+    db upgrade                 migrations
+    api                        the HTTP API (uvicorn)
+    token create               a project token, straight in the database
+    submit / status / logs / cancel
+                               the HTTP client (service.cli.client), reading the URL and token
+                               from --url/--token, UNROLL_URL/UNROLL_TOKEN, or the file
+                               `unroll up` writes
+    worker                     the dispatcher (workers.dispatcher)
+    sweep, up                  service.cli.sweep, service.cli.up
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from service.cli import sweep, up
+from service.cli.common import (
+    TERMINAL,
+    UsageError,
+    add_client_args,
+    fail,
+    open_client,
+    read_config,
+)
+
+
+def _db(subparsers) -> None:
+    p = subparsers.add_parser("db", help="database maintenance")
+    db_sub = p.add_subparsers(dest="db_command", required=True)
+    up = db_sub.add_parser("upgrade", help="apply migrations (to head by default)")
+    up.add_argument("revision", nargs="?", default="head")
+    up.set_defaults(func=_db_upgrade)
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from service.store.db.migrate import upgrade
+
+    upgrade(revision=args.revision)
+    print(f"database upgraded to {args.revision}")
+    return 0
+
+
+# --- api and tokens (server side) -------------------------------------------------------------
+
+
+def _api(subparsers) -> None:
+    p = subparsers.add_parser("api", help="run the HTTP API (settings from UNROLL_* / .env)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.add_argument(
+        "--log-level", default=None, choices=["debug", "info", "warning", "error", "critical"],
+        help="of the server and the `unroll` loggers (default: UNROLL_LOG_LEVEL, else info)",
+    )
+    p.set_defaults(func=_run_api)
+
+
+def _run_api(args: argparse.Namespace) -> int:
+    import importlib.util
+    import os
+
+    import uvicorn
+
+    from service.store.settings import get_settings
+
+    fast = {}
+    if importlib.util.find_spec("uvloop"):
+        fast["loop"] = "uvloop"
+    if importlib.util.find_spec("httptools"):
+        fast["http"] = "httptools"
+    if args.log_level is not None:
+        # Through the environment, so uvicorn's worker processes read it as a setting too.
+        os.environ["UNROLL_LOG_LEVEL"] = args.log_level
+        get_settings.cache_clear()
+    uvicorn.run(
+        "service.api.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=get_settings().log_level,
+        access_log=False,
+        **fast,
+    )
+    return 0
+
+
+def _token(subparsers) -> None:
+    p = subparsers.add_parser("token", help="API tokens")
+    sub = p.add_subparsers(dest="token_command", required=True)
+    create = sub.add_parser("create", help="create a project (if needed) and a token; prints the token last")
+    create.add_argument("--project", required=True)
+    create.add_argument("--name", default=None, help="a label for the token")
+    create.set_defaults(func=_token_create)
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    from service.store.db import repo
+    from service.store.db.errors import DatabaseUnavailable
+    from service.store.db.session import session_scope
+
+    try:
+        with session_scope() as session:
+            project = repo.get_or_create_project(session, args.project)
+            secret, _ = repo.create_token(session, project.id, name=args.name)
+            project_id = project.id
+    except DatabaseUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"project {args.project} ({project_id}): new token (shown once)", file=sys.stderr)
+    print(secret)
+    return 0
+
+
+# --- client commands --------------------------------------------------------------------------
+
+
+def _client_commands(subparsers) -> None:
+    p = subparsers.add_parser("submit", help="submit a job config (YAML or JSON)")
+    p.add_argument("config")
+    p.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
+    p.add_argument("--idempotency-key", default=None)
+    add_client_args(p)
+    p.set_defaults(func=_submit)
+
+    p = subparsers.add_parser("status", help="one job in detail, or the list of jobs")
+    p.add_argument("id", nargs="?")
+    p.add_argument("--state", default=None)
+    p.add_argument("--limit", type=int, default=20)
+    add_client_args(p)
+    p.set_defaults(func=_status)
+
+    p = subparsers.add_parser("logs", help="a job's log lines")
+    p.add_argument("id")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the job ends")
+    add_client_args(p)
+    p.set_defaults(func=_logs)
+
+    p = subparsers.add_parser("cancel", help="cancel a job")
+    p.add_argument("id")
+    add_client_args(p)
+    p.set_defaults(func=_cancel)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from service.cli.client import ApiError
+
+    config = read_config(args.config)
+    try:
+        with open_client(args) as api:
+            job = api.submit(config, idempotency_key=args.idempotency_key)
+            print(job["id"])
+            if not args.wait:
+                return 0
+            job = _follow(api, job)
+    except ApiError as exc:
+        return fail(exc)
+    except KeyboardInterrupt:
+        print("\nstopped following; the job goes on", file=sys.stderr)
+        return 130
+    summary = job.get("summary") or {}
+    line = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+    print(f"{job['id']} {job['state']}" + (f": {line}" if line else "") + (f" error: {job['error']}" if job.get("error") else ""))
+    return 0 if job["state"] == "succeeded" else 1
+
+
+def _follow(api, job: dict, interval: float = 1.0) -> dict:
+    """A progress bar (step / max_steps, with the latest train/loss and tqdm's ETA) until
+    the job ends. Polls the job: simple, and robust to reconnects."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=job.get("max_steps") or None, unit="step", dynamic_ncols=True, desc=job["id"], file=sys.stderr)
+    try:
+        while True:
+            job = api.get(job["id"])
+            if job.get("max_steps") and bar.total != job["max_steps"]:
+                bar.total = job["max_steps"]
+            bar.update(max(0, job["step"] - bar.n))
+            loss = (job.get("metrics") or {}).get("train/loss")
+            postfix = {"state": job["state"]}
+            if loss is not None and loss.get("value") is not None:
+                postfix["loss"] = f"{loss['value']:.4f}"
+            if job.get("pending_reason"):
+                postfix["waiting"] = job["pending_reason"]
+            bar.set_postfix(postfix, refresh=True)
+            if job["state"] in TERMINAL:
+                return job
+            time.sleep(interval)
+    finally:
+        bar.close()
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def _when(stamp: str | None) -> str:
+    return stamp.replace("T", " ")[:19] if stamp else "-"
+
+
+def _status(args: argparse.Namespace) -> int:
+    from service.cli.client import ApiError
+
+    try:
+        with open_client(args) as api:
+            if args.id:
+                job = api.get(args.id)
+                _print_job(job)
+                return 0
+            page = api.list(state=args.state, limit=args.limit)
+    except ApiError as exc:
+        return fail(exc)
+    rows = [
+        [j["id"], j["state"], f"{100 * j['progress']:.0f}%", str(j["step"]), str(j["attempt"]), _when(j["created_at"]), j["name"] or ""]
+        for j in page["jobs"]
+    ]
+    print(_table(rows, ["ID", "STATE", "PROGRESS", "STEP", "ATTEMPT", "CREATED", "NAME"]) if rows else "no jobs")
+    return 0
+
+
+def _print_job(job: dict) -> None:
+    fields = [
+        ("id", job["id"]),
+        ("name", job["name"] or "-"),
+        ("state", job["state"] + (" (cancel requested)" if job["cancel_requested"] and job["state"] == "running" else "")),
+        ("progress", f"{100 * job['progress']:.1f}% (step {job['step']}/{job['max_steps'] or '?'})"),
+        ("attempt", f"{job['attempt']} of {job['max_attempts']}"),
+        ("worker", job["worker"] or "-"),
+        ("created", _when(job["created_at"])),
+        ("started", _when(job["started_at"])),
+        ("finished", _when(job["finished_at"])),
+    ]
+    if job.get("pending_reason"):
+        fields.append(("waiting", job["pending_reason"]))
+    if job.get("error"):
+        fields.append(("error", job["error"]))
+    for name, point in sorted((job.get("metrics") or {}).items()):
+        value = point["value"]
+        fields.append((name, f"{value:.6g} @ step {point['step']}" if value is not None else f"non-finite @ step {point['step']}"))
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        print(f"{key.ljust(width)}  {value}")
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from service.cli.client import ApiError
+
+    after = 0
+    try:
+        with open_client(args) as api:
+            while True:
+                page = api.logs(args.id, after=after)
+                for line in page["lines"]:
+                    print(line["line"], flush=True)
+                after = page["next_after"]
+                if page["lines"]:
+                    continue  # there may be more right away
+                if not args.follow or api.get(args.id)["state"] in TERMINAL:
+                    # one last read: lines written just before the job ended
+                    for line in api.logs(args.id, after=after)["lines"] if args.follow else []:
+                        print(line["line"], flush=True)
+                    return 0
+                time.sleep(1.0)
+    except ApiError as exc:
+        return fail(exc)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from service.cli.client import ApiError
+
+    try:
+        with open_client(args) as api:
+            job = api.cancel(args.id)
+    except ApiError as exc:
+        return fail(exc)
+    note = " (cancel requested; it stops within about a second)" if job["state"] == "running" else ""
+    print(f"{job['id']} {job['state']}{note}")
+    return 0
+
+
+# --- the parser -------------------------------------------------------------------------------
+
+
+def _worker(subparsers) -> None:
+    p = subparsers.add_parser(
+        "worker",
+        help="run a dispatcher: take queued jobs and run them on Ray (UNROLL_RAY_ADDRESS, or a local instance)",
+    )
+    p.set_defaults(func=_run_worker)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from workers.dispatcher import main  # imports Ray: only when the role runs
+
+    return main()
+
+
+def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
+    """The whole command line. `with_train=False` stands a placeholder in for `train`,
+    whose module imports torch (seconds): the client commands should start at once."""
+    parser = argparse.ArgumentParser(prog="unroll", description="Truncated-BPTT training for recurrent networks.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    if with_train:
+        from trainer import cli as train_cli
+
+        train_cli.add_parser(subparsers)
+    else:
+        subparsers.add_parser("train", help="train a config locally, without services (see unroll train -h)")
+    _db(subparsers)
+    _api(subparsers)
+    _token(subparsers)
+    _client_commands(subparsers)
+    _worker(subparsers)
+    sweep.add_parser(subparsers)
+    up.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(with_train=bool(argv) and argv[0] == "train").parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+

@@ -1,0 +1,93 @@
+"""Projects and their API tokens (stored hashed)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.store.db.base import new_id, utcnow
+from service.store.db.errors import NotFound
+from service.store.db.models import (
+    ApiToken,
+    Project,
+)
+
+# --- projects and tokens ------------------------------------------------------------------
+
+
+def get_project(session: Session, project_id: str) -> Project:
+    project = session.get(Project, project_id)
+    if project is None:
+        raise NotFound("project", project_id)
+    return project
+
+
+def get_or_create_project(session: Session, name: str) -> Project:
+    """The project called `name`, created if needed (safe when two callers race)."""
+    found = session.execute(sa.select(Project).where(Project.name == name)).scalar_one_or_none()
+    if found is not None:
+        return found
+    try:
+        with session.begin_nested():
+            project = Project(id=new_id("project"), name=name)
+            session.add(project)
+        return project
+    except IntegrityError:
+        return session.execute(sa.select(Project).where(Project.name == name)).scalar_one()
+
+
+TOKEN_PREFIX = "unroll_"
+
+
+def hash_token(token: str) -> str:
+    """Tokens are stored as sha256 hex: they are long random secrets, so a fast hash is
+    enough (no salt or slow KDF needed), and lookup is by equality on the hash."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(
+    session: Session, project_id: str, *, name: str | None = None, expires_at: datetime | None = None
+) -> tuple[str, ApiToken]:
+    """A new token for the project: (the secret, shown once; its row)."""
+    secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    row = ApiToken(
+        id=new_id("token"), project_id=project_id, token_hash=hash_token(secret), name=name, expires_at=expires_at
+    )
+    session.add(row)
+    session.flush()
+    return secret, row
+
+
+# Write `last_used_at` at most this often: a token is used on every request.
+_TOKEN_TOUCH_INTERVAL = timedelta(seconds=60)
+
+
+def authenticate(session: Session, token: str, *, now: datetime | None = None) -> ApiToken | None:
+    """The live (not revoked, not expired) token row for a secret, or None."""
+    now = now or utcnow()
+    row = session.execute(
+        sa.select(ApiToken).where(
+            ApiToken.token_hash == hash_token(token),
+            ApiToken.revoked_at.is_(None),
+            sa.or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > now),
+        )
+    ).scalar_one_or_none()
+    if row is not None and (row.last_used_at is None or now - row.last_used_at >= _TOKEN_TOUCH_INTERVAL):
+        row.last_used_at = now
+    return row
+
+
+def revoke_token(session: Session, token_id: str, *, now: datetime | None = None) -> bool:
+    result = session.execute(
+        sa.update(ApiToken)
+        .where(ApiToken.id == token_id, ApiToken.revoked_at.is_(None))
+        .values(revoked_at=now or utcnow())
+    )
+    return result.rowcount == 1
+
+

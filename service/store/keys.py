@@ -1,0 +1,108 @@
+"""Every Redis key and pub/sub channel of unroll, named once (as arq's ``constants.py``).
+
+Nothing else in the product spells a Redis key: code asks a ``Keys`` for it. All keys
+start with a prefix (default ``unroll``) so that several deployments, or tests running at
+the same time, can share one Redis without seeing each other; ``Keys(prefix).all_pattern``
+matches everything one prefix owns (for cleanup).
+
+Redis holds dispatch state only. Losing every key below loses no job: the database is the
+source of truth and a reconciler re-enqueues the ``queued`` jobs that the queue lacks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "unroll"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(c.isspace() or c in "*?[]" for c in self.prefix):
+            raise ValueError(f"Redis key prefix must be non-empty, without spaces or glob characters: {self.prefix!r}")
+
+    # --- the dispatch queue (service.store.queue) --------------------------------------------
+    # ZSET of waiting messages. Score: -priority (lowest score pops first, so the highest
+    # priority wins); member: "<16 hex digits of a sequence number>:<job id>", so members of
+    # one score sort by enqueue order (Redis orders equal scores lexicographically).
+    @property
+    def queue_pending(self) -> str:
+        return f"{self.prefix}:queue:pending"
+
+    # ZSET of delivered, unacknowledged messages. Member: job id; score: the lease deadline
+    # in milliseconds of the Redis server's clock (TIME), so consumers' clocks do not matter.
+    @property
+    def queue_in_flight(self) -> str:
+        return f"{self.prefix}:queue:in_flight"
+
+    # HASH job id -> the consumer holding its lease (only while in flight).
+    @property
+    def queue_owners(self) -> str:
+        return f"{self.prefix}:queue:owners"
+
+    # HASH job id -> its pending member (see queue_pending), for every job the queue holds,
+    # pending or in flight: a reclaimed message goes back with its original place in line.
+    # Its fields are the queue's membership: `contains` is one HEXISTS.
+    @property
+    def queue_members(self) -> str:
+        return f"{self.prefix}:queue:members"
+
+    # HASH job id -> priority as a decimal string (exact), for every job the queue holds.
+    @property
+    def queue_priorities(self) -> str:
+        return f"{self.prefix}:queue:priorities"
+
+    # HASH priority -> number of pending messages of that priority (fields at 0 are deleted).
+    @property
+    def queue_depth(self) -> str:
+        return f"{self.prefix}:queue:depth"
+
+    # STRING counter: the sequence number of the next pending member.
+    @property
+    def queue_sequence(self) -> str:
+        return f"{self.prefix}:queue:sequence"
+
+    # LIST of wake-up tokens: a token is pushed for each message made available, and a
+    # waiting consumer BLPOPs it, then pops the pending ZSET atomically. Bounded (LTRIM).
+    @property
+    def queue_wakeup(self) -> str:
+        return f"{self.prefix}:queue:wakeup"
+
+    @property
+    def queue_keys(self) -> list[str]:
+        """Every key of the queue, in the order its Lua scripts expect them as KEYS."""
+        return [
+            self.queue_pending,
+            self.queue_in_flight,
+            self.queue_owners,
+            self.queue_members,
+            self.queue_priorities,
+            self.queue_depth,
+            self.queue_sequence,
+            self.queue_wakeup,
+        ]
+
+    # --- live events (service.store.events) ----------------------------------------------------
+    # Pub/sub channel of one job's events (JSON), for the API's Server-Sent Events.
+    def job_events(self, job_id: str) -> str:
+        return f"{self.prefix}:events:job:{job_id}"
+
+    # --- dispatchers (workers.dispatcher) ---------------------------------------------------
+    # STRING (JSON, with a TTL) that a live dispatcher refreshes every second: its Ray
+    # status, for /readyz. No key left: no dispatcher is alive.
+    def dispatcher_heartbeat(self, name: str) -> str:
+        return f"{self.prefix}:dispatchers:{name}"
+
+    @property
+    def dispatcher_heartbeats(self) -> str:
+        """A SCAN pattern matching every dispatcher's heartbeat."""
+        return f"{self.prefix}:dispatchers:*"
+
+    # --- housekeeping ----------------------------------------------------------------------
+    @property
+    def all_pattern(self) -> str:
+        """A SCAN/KEYS pattern matching every key of this prefix."""
+        return f"{self.prefix}:*"

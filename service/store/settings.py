@@ -1,0 +1,108 @@
+"""Every setting of the service, read from the environment (prefix ``UNROLL_``) or ``.env``.
+
+One class, one cached accessor. Nothing here connects to anything: reading settings is
+free, so any module may call ``get_settings()`` at call time (never at import time, so that
+tests can change the environment and call ``get_settings.cache_clear()``).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="UNROLL_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    # --- where things live (SPEC §6) ---
+    # Any SQLAlchemy URL; the driver is chosen per role (service.store.db.session), so
+    # `postgresql://...` serves both the async API (asyncpg) and sync workers (psycopg).
+    database_url: str = "sqlite:///.unroll/unroll.db"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Every Redis key starts with this (service.store.keys), so deployments can share a server.
+    redis_prefix: str = "unroll"
+    # None: start a local Ray instance.
+    ray_address: str | None = None
+    # Artifact store root: a local path or any fsspec URL.
+    artifacts: str = ".unroll/artifacts"
+    # Directories that a job's `data.path` may point into. The environment form is a
+    # list separated by os.pathsep or commas (or a JSON list).
+    data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+
+    # --- access and quotas ---
+    admin_token: SecretStr | None = None
+    max_queued_per_project: int = Field(default=10_000, ge=0)
+    # The largest model (parameter count) a job may ask for.
+    max_params: int = Field(default=50_000_000, ge=1)
+
+    # --- the HTTP API (service.api.app) ---
+    # Largest JSON request body (413 beyond); uploads have their own cap.
+    max_body_bytes: int = Field(default=1 << 20, ge=1)
+    # Largest dataset upload, streamed to the artifact store (413 beyond).
+    max_upload_bytes: int = Field(default=1 << 30, ge=1)
+    # Most jobs one sweep may expand to (grid points x seeds).
+    max_sweep_jobs: int = Field(default=1000, ge=1)
+    # How long a verified token is trusted without asking the database again (a revoked
+    # token keeps working this long at most).
+    token_cache_seconds: float = Field(default=30.0, ge=0)
+
+    # --- execution ---
+    # A running attempt must renew its lease within this many seconds or it is lost.
+    lease_seconds: int = Field(default=30, ge=1)
+    # First delay before a lost attempt is retried; it doubles per attempt (at most 5 min).
+    retry_backoff_seconds: float = Field(default=2.0, ge=0)
+    # A running attempt that ignores a cancel request this long is stopped by force.
+    cancel_grace_seconds: float = Field(default=30.0, gt=0)
+
+    # --- observability ---
+    # Level of the `unroll` loggers (JSON lines on stderr). `unroll api --log-level` sets it.
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    # FastAPI's OpenTelemetry spans, metrics and logs, sent to the providers configured in
+    # the process (opentelemetry-instrument, or an embedding program). Off: nothing is
+    # checked per request; Prometheus /metrics is always on.
+    otel: bool = False
+
+    # --- database tuning ---
+    db_pool_size: int = Field(default=5, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    # Seconds to wait for a connection to the server before reporting it unavailable.
+    db_connect_timeout: float = Field(default=5.0, gt=0)
+    # SQLite: how long a writer waits for the lock held by another writer.
+    sqlite_busy_timeout_ms: int = Field(default=5_000, ge=0)
+    db_echo: bool = False
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if not text:
+                return []
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            parts = [p for chunk in text.split(os.pathsep) for p in chunk.split(",")]
+            return [p.strip() for p in parts if p.strip()]
+        return value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings. Tests override with ``get_settings.cache_clear()``."""
+    return Settings()
