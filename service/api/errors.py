@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.store.db.errors import DatabaseUnavailable, IllegalTransition, NotFound
+from service.store.sweeps import InvalidGrid
 from trainer.config import ConfigError
 
 log = logging.getLogger("unroll.api")
@@ -193,6 +194,10 @@ async def _config_invalid(request: Request, exc: ConfigError) -> JSONResponse:
     return await _api_error(request, config_invalid(exc))
 
 
+async def _grid_invalid(request: Request, exc: InvalidGrid) -> JSONResponse:
+    return await _api_error(request, Invalid(exc.field, exc.message))
+
+
 async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
     return error_response(404, "not_found", f"{exc.kind} {exc.object_id!r} not found")
 
@@ -221,6 +226,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _request_invalid)
     app.add_exception_handler(ConfigError, _config_invalid)
+    app.add_exception_handler(InvalidGrid, _grid_invalid)
     app.add_exception_handler(NotFound, _not_found)
     app.add_exception_handler(IllegalTransition, _conflict)
     app.add_exception_handler(DatabaseUnavailable, _database_down)

@@ -5,6 +5,7 @@ lifespan (``open_runtime``), closed when it ends; nothing here connects at impor
 from __future__ import annotations
 
 import functools
+import logging
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ from service.store.db.session import (
 from service.store.keys import Keys
 from service.store.queue import JobQueue
 from service.store.settings import Settings
+
+log = logging.getLogger("unroll.api")
 
 # Redis calls of a request give up after this long (then 503), so a hung Redis cannot
 # hold requests forever.
@@ -52,6 +55,19 @@ class Runtime:
     def autocommit(self) -> AbstractAsyncContextManager[AsyncSession]:
         """service.store.db.session.autocommit_session on this runtime's engine."""
         return autocommit_session(self.engine)
+
+    async def enqueue_after_commit(self, jobs: list[tuple[str, int]]) -> None:
+        """The queue write after the database commit. The job exists either way: if Redis is
+        down now, the reconciler re-enqueues queued jobs the queue lacks, so this only logs."""
+        if not jobs:
+            return
+        try:
+            if len(jobs) == 1:  # a submission: batched with concurrent ones
+                await self.enqueues.submit(jobs[0])
+            else:
+                await self.queue.enqueue_many(jobs)
+        except (RedisError, OSError) as exc:
+            log.warning("enqueue of %d job(s) failed after commit (the reconciler will retry): %s", len(jobs), exc)
 
     async def close(self) -> None:
         await self.quota.close()

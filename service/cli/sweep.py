@@ -3,8 +3,9 @@
 Submits a sweep (POST /v1/sweeps): CONFIG is the base job configuration (SPEC §2) and each
 --grid one axis. Values are numbers when they read as one (`8`, `0.25`, `1e-3`), else YAML
 scalars (`lstm` a string, `true` a bool, `null` None). `tbptt.k2` follows `tbptt.k1` unless the grid gives it too: a k2 in
-the base config is dropped when only k1 is swept, since a sweep over truncation lengths
-almost always means k1 = k2 = k.
+the base config is not used when only k1 is swept, since a sweep over truncation lengths
+almost always means k1 = k2 = k (the service applies this rule, service/store/sweeps.py, so
+the same sweep sent over HTTP trains the same jobs).
 
 Without --wait it prints the sweep's id. With --wait it shows the summary table live
 (redrawn in place on a terminal; otherwise printed again whenever a job changes state) and at the end
@@ -28,6 +29,7 @@ from service.cli.common import (
     open_client,
     read_config,
 )
+from service.store import sweeps
 
 
 def add_parser(subparsers) -> None:
@@ -88,22 +90,12 @@ def _value(path: str, text: str, yaml) -> Any:
         raise GridError(f"--grid {path}: cannot read value {text!r}: {exc}") from None
 
 
-def k2_follows_k1(base: dict[str, Any], grid: dict[str, list[Any]]) -> bool:
-    """Drop base tbptt.k2 when the grid sweeps k1 alone (k2 then defaults to k1).
-    Returns whether anything was dropped."""
-    tbptt = base.get("tbptt")
-    if "tbptt.k1" in grid and "tbptt.k2" not in grid and isinstance(tbptt, dict) and "k2" in tbptt:
-        del tbptt["k2"]
-        return True
-    return False
-
-
 def run(args: argparse.Namespace) -> int:
     from service.cli.client import ApiError
 
     base = read_config(args.config)
     grid = parse_grid(args.grid)
-    if k2_follows_k1(base, grid):
+    if sweeps.k2_follows_k1(base, grid):  # the service applies the rule; say so here
         print("note: tbptt.k2 follows tbptt.k1 (the base config's k2 is not used)", file=sys.stderr)
     try:
         with open_client(args) as api:
@@ -122,10 +114,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def finish(sweep: dict[str, Any]) -> int:
-    from service.store.sweeps import render_table
-
     summary = sweep["summary"]
-    print(render_table(summary, sort=True))
+    print(sweeps.render_table(summary, sort=True))
     best = summary.get("best_point")
     line = f"{sweep['id']} {sweep['state']}"
     if best is not None:
@@ -136,15 +126,13 @@ def finish(sweep: dict[str, Any]) -> int:
 
 def follow(api, sweep: dict[str, Any], interval: float) -> dict[str, Any]:
     """Poll the sweep until every job has ended, showing its table as it fills in."""
-    from service.store.sweeps import render_table
-
     tty = sys.stderr.isatty()
     drawn = 0  # lines of the live table on screen (terminal only)
     last = None
     while True:
         sweep = api.get_sweep(sweep["id"])
         if tty:
-            table = render_table(sweep["summary"])
+            table = sweeps.render_table(sweep["summary"])
             status = f"{sweep['id']} {sweep['state']}  " + "  ".join(f"{s}={n}" for s, n in sorted(sweep["counts"].items()))
             text = f"{status}\n{table}"
             # Move up over the previous drawing and clear it, then draw anew.
@@ -156,7 +144,7 @@ def follow(api, sweep: dict[str, Any], interval: float) -> dict[str, Any]:
             total = sum(row["jobs_total"] for row in sweep["summary"]["rows"])
             line = f"{sweep['state']}: {done}/{total} jobs done; " + ", ".join(f"{s}={n}" for s, n in sorted(sweep["counts"].items()))
             if line != last:  # a log: the table again only when something changed
-                print(f"{line}\n{render_table(sweep['summary'])}", file=sys.stderr, flush=True)
+                print(f"{line}\n{sweeps.render_table(sweep['summary'])}", file=sys.stderr, flush=True)
                 last = line
         if sweep["state"] in TERMINAL:
             if tty:  # the final table goes to stdout; leave no live copy behind

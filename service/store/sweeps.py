@@ -1,8 +1,17 @@
-"""A sweep's comparison table: one row per grid point, its seeds aggregated.
+"""Sweeps, the domain: how a sweep expands into jobs, and its comparison table.
 
-This module is pure (no database, no HTTP): the API gathers each job's outcome
-(`JobOutcome`) and `summarize` turns them into the summary of `GET /v1/sweeps/{id}`; the
-CLI renders the same summary as a table (`render_table`) and `to_csv` writes it as CSV.
+This module is pure (no database, no HTTP), and HTTP and the CLI both use it:
+
+- `expand` turns a base config, a grid ({dotted.path: [values]}) and a number of seeds into
+  the job configs, in grid order (the Cartesian product, times seeds: train.seed = base
+  seed + 0 .. seeds - 1). `grid_size` counts them without building anything. The rule
+  "tbptt.k2 follows tbptt.k1 when only k1 is swept" (`k2_follows_k1`) is applied here, so a
+  sweep trains the same jobs whether it came over HTTP or from `unroll sweep`.
+- The API gathers each job's outcome (`JobOutcome`) and `summarize` turns them into the
+  summary of `GET /v1/sweeps/{id}`; the CLI renders the same summary as a table
+  (`render_table`) and `to_csv` writes it as CSV.
+
+What a summary row holds, and why:
 
 What a row holds, and why:
 
@@ -23,6 +32,7 @@ What a row holds, and why:
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import itertools
@@ -31,7 +41,9 @@ import math
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
+
+from service.store.lifecycle import TERMINAL_STATE_NAMES
 
 # The validation metric each task reports (SPEC §3) and which way is better.
 TASK_METRICS: dict[str, tuple[str, str]] = {
@@ -41,7 +53,8 @@ TASK_METRICS: dict[str, tuple[str, str]] = {
     "timeseries": ("valid/mse", "min"),
 }
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+# Plain strings: the summary reads states off job rows and off the wire alike.
+TERMINAL = tuple(sorted(TERMINAL_STATE_NAMES))
 
 
 def task_metric(config: dict[str, Any]) -> tuple[str, str]:
@@ -58,6 +71,98 @@ def get_path(config: dict[str, Any], path: str) -> Any:
             return None
         node = node[part]
     return node
+
+
+# --- expansion ------------------------------------------------------------------------------
+
+
+class InvalidGrid(ValueError):
+    """A grid that cannot be expanded; `field` names it (`grid.tbptt.k1`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class SweepJobSpec(NamedTuple):
+    config: dict[str, Any]  # the job's config, not yet validated
+    point: dict[str, Any]  # {path: value} of its grid point
+    seed: int
+
+
+def grid_size(grid: dict[str, list[Any]], seeds: int) -> int:
+    """How many jobs the sweep expands to, computed without expanding it."""
+    return max(1, math.prod(len(values) for values in grid.values())) * seeds
+
+
+def k2_follows_k1(base: dict[str, Any], grid: dict[str, list[Any]]) -> bool:
+    """A sweep over truncation lengths almost always means k1 = k2 = k: when the grid sweeps
+    tbptt.k1 and not tbptt.k2, a k2 in the base config is not used (k2 then defaults to k1)."""
+    tbptt = base.get("tbptt")
+    return "tbptt.k1" in grid and "tbptt.k2" not in grid and isinstance(tbptt, dict) and "k2" in tbptt
+
+
+def expand(base: dict[str, Any], grid: dict[str, list[Any]], seeds: int) -> list[SweepJobSpec]:
+    """Every job of the sweep, in grid order (the last axis varies fastest, then seeds)."""
+    for path, values in grid.items():
+        if not path or any(not part for part in path.split(".")):
+            raise InvalidGrid(f"grid.{path}", "must be a dotted path such as tbptt.k1")
+        if not values:
+            raise InvalidGrid(f"grid.{path}", "needs at least one value")
+    base = copy.deepcopy(base)
+    if k2_follows_k1(base, grid):
+        del base["tbptt"]["k2"]
+    base_seed = get_path(base, "train.seed")
+    if not isinstance(base_seed, int) or isinstance(base_seed, bool):
+        base_seed = 0
+    jobs = []
+    for point in grid_points(grid):
+        for offset in range(seeds):
+            config = copy.deepcopy(base)
+            for path, value in point.items():
+                set_path(config, path, value)
+            seed = base_seed + offset
+            if "train.seed" not in point:
+                set_path(config, "train.seed", seed)
+            jobs.append(SweepJobSpec(config, point, seed))
+    return jobs
+
+
+def set_path(config: dict[str, Any], path: str, value: Any) -> None:
+    """config[a][b][c] = value for path "a.b.c", creating sections as needed."""
+    parts = path.split(".")
+    node = config
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise InvalidGrid(f"grid.{path}", f"{part} is not a section of the job configuration")
+        node = child
+    node[parts[-1]] = value
+
+
+def point_name(base_name: str | None, point: dict[str, Any], seed: int, seeds: int) -> str | None:
+    """A job's name: the sweep's (or base config's) name and its point, e.g. "k k1=8,seed=1"."""
+    parts = [f"{path.rsplit('.', 1)[-1]}={value}" for path, value in point.items()]
+    if seeds > 1:
+        parts.append(f"seed={seed}")
+    label = ",".join(parts)
+    name = f"{base_name} {label}".strip() if base_name else label
+    return name[:200] or None
+
+
+def grid_path_of(field: str, point: dict[str, Any]) -> str | None:
+    """The grid path that sets `field` (a config field path), if the grid sets it: an error
+    there is the grid's, not the base's."""
+    for path in point:
+        if field == path or field.startswith(f"{path}.") or path.startswith(f"{field}."):
+            return path
+    return None
+
+
+# --- the summary ----------------------------------------------------------------------------
 
 
 @dataclass

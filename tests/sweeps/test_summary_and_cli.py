@@ -8,8 +8,8 @@ import io
 
 import pytest
 
-from service.cli.sweep import GridError, k2_follows_k1, parse_grid
-from service.store.sweeps import JobOutcome, render_table, sorted_rows, stat, summarize, task_metric, to_csv
+from service.cli.sweep import GridError, parse_grid
+from service.store.sweeps import InvalidGrid, JobOutcome, expand, grid_size, k2_follows_k1, render_table, sorted_rows, stat, summarize, task_metric, to_csv
 
 
 def test_parse_grid_reads_yaml_scalars():
@@ -27,10 +27,29 @@ def test_parse_grid_reads_yaml_scalars():
 
 def test_k2_follows_k1_unless_swept_too():
     base = {"tbptt": {"k1": 24, "k2": 24}}
-    assert k2_follows_k1(base, {"tbptt.k1": [8, 16]}) and base == {"tbptt": {"k1": 24}}
+    assert k2_follows_k1(base, {"tbptt.k1": [8, 16]}) and base == {"tbptt": {"k1": 24, "k2": 24}}  # a question only
+    assert [job.config["tbptt"] for job in expand(base, {"tbptt.k1": [8, 16]}, 1)] == [{"k1": 8}, {"k1": 16}]
+    assert base == {"tbptt": {"k1": 24, "k2": 24}}  # expand leaves the caller's base alone
     base = {"tbptt": {"k1": 24, "k2": 48}}
-    assert not k2_follows_k1(base, {"tbptt.k1": [8], "tbptt.k2": [8, 16]}) and base["tbptt"]["k2"] == 48
+    assert not k2_follows_k1(base, {"tbptt.k1": [8], "tbptt.k2": [8, 16]})
+    assert [job.config["tbptt"] for job in expand(base, {"tbptt.k1": [8], "tbptt.k2": [8, 16]}, 1)] == [
+        {"k1": 8, "k2": 8}, {"k1": 8, "k2": 16}
+    ]
     assert not k2_follows_k1({"tbptt": {"k2": 4}}, {"clip.max_norm": [1.0]})
+
+
+def test_expand_is_the_product_times_seeds_in_grid_order():
+    grid = {"tbptt.k1": [4, 8], "model.cell": ["lstm", "gru"]}
+    jobs = expand({"train": {"seed": 3}}, grid, 2)
+    assert grid_size(grid, 2) == len(jobs) == 8
+    assert [(j.point["tbptt.k1"], j.point["model.cell"], j.seed) for j in jobs[:3]] == [(4, "lstm", 3), (4, "lstm", 4), (4, "gru", 3)]
+    assert jobs[1].config == {"train": {"seed": 4}, "tbptt": {"k1": 4}, "model": {"cell": "lstm"}}
+    assert grid_size({"a": [1] * 1000, "b": [1] * 1000, "c": [1] * 1000, "d": [1] * 1000}, 3) == 3 * 10**12
+    for bad in ({"": [1]}, {"a..b": [1]}, {"tbptt.k1": []}):
+        with pytest.raises(InvalidGrid):
+            expand({}, bad, 1)
+    with pytest.raises(InvalidGrid, match="grid.tbptt.k1.x"):
+        expand({"tbptt": {"k1": 4}}, {"tbptt.k1.x": [1]}, 1)
 
 
 def test_task_metrics_and_goals():

@@ -53,20 +53,6 @@ MAX_STEP = 2**62
 KEEPALIVE_S = 15.0
 
 
-async def enqueue_after_commit(runtime: Runtime, jobs: list[tuple[str, int]]) -> None:
-    """The queue write after the database commit. The job exists either way: if Redis is
-    down now, the reconciler re-enqueues queued jobs the queue lacks, so this only logs."""
-    if not jobs:
-        return
-    try:
-        if len(jobs) == 1:  # a submission: batched with concurrent ones
-            await runtime.enqueues.submit(jobs[0])
-        else:
-            await runtime.queue.enqueue_many(jobs)
-    except (RedisError, OSError) as exc:
-        log.warning("enqueue of %d job(s) failed after commit (the reconciler will retry): %s", len(jobs), exc)
-
-
 async def publish(runtime: Runtime, job_id: str, event: dict[str, Any]) -> None:
     """Tell live subscribers about a change the API made (best effort: the database has it)."""
     try:
@@ -126,7 +112,7 @@ async def submit_job(request: Request) -> Response:
         return _job_response(job, status.HTTP_200_OK)
     runtime.quota.added(project_id, 1)
     runtime.metrics.submissions.inc()
-    await enqueue_after_commit(runtime, [(job.id, job.priority)])
+    await runtime.enqueue_after_commit([(job.id, job.priority)])
     return _job_response(job, status.HTTP_201_CREATED)
 
 
@@ -235,7 +221,7 @@ async def retry_job(job_id: JobId, project: ProjectDep, runtime: RuntimeDep) -> 
         await runtime.quota.check(project.project_id, 1, settings.max_queued_per_project, counter(session))
         public = await session.run_sync(_retry, job_id)
     runtime.quota.added(project.project_id, 1)
-    await enqueue_after_commit(runtime, [(public.id, public.priority)])
+    await runtime.enqueue_after_commit([(public.id, public.priority)])
     await publish(runtime, job_id, {"type": "state", "state": "queued", "attempt": public.attempt})
     return public
 

@@ -8,8 +8,6 @@ transaction: a sweep exists whole or not at all. The queue writes follow the com
 
 from __future__ import annotations
 
-import copy
-import itertools
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Response, status
@@ -19,7 +17,6 @@ from service.api.deps import ProjectDep, RuntimeDep
 from service.api.errors import ApiError, Invalid
 from service.api.errors import responses as error_responses
 from service.api.quota import counter
-from service.api.routes.jobs import enqueue_after_commit
 from service.api.schemas import SweepCancelled, SweepCreate, SweepJob, SweepPublic
 from service.api.submission import check_config, check_dataset, data_field, job_fields
 from service.store import sweeps
@@ -32,60 +29,6 @@ router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
 
 SweepId = Annotated[str, Path(min_length=1, max_length=64, description="A sweep id (`swp_...`)")]
 
-_MISSING = object()
-
-
-def set_path(config: dict[str, Any], path: str, value: Any) -> None:
-    """config[a][b][c] = value for path "a.b.c", creating sections as needed."""
-    parts = path.split(".")
-    node = config
-    for part in parts[:-1]:
-        child = node.get(part, _MISSING)
-        if child is _MISSING or child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise Invalid(f"grid.{path}", f"{part} is not a section of the job configuration")
-        node = child
-    node[parts[-1]] = value
-
-
-get_path = sweeps.get_path
-
-
-def expand(body: SweepCreate) -> list[tuple[dict[str, Any], dict[str, Any], int]]:
-    """Every (config, grid point, seed) of the sweep, before validation."""
-    for path, values in body.grid.items():
-        if not path or any(not p for p in path.split(".")):
-            raise Invalid(f"grid.{path}", "must be a dotted path such as tbptt.k1")
-        if not values:
-            raise Invalid(f"grid.{path}", "needs at least one value")
-    base_seed = get_path(body.base, "train.seed")
-    if not isinstance(base_seed, int) or isinstance(base_seed, bool):
-        base_seed = 0
-    paths = list(body.grid)
-    points = []
-    for values in itertools.product(*(body.grid[p] for p in paths)):
-        point = dict(zip(paths, values))
-        for offset in range(body.seeds):
-            config = copy.deepcopy(body.base)
-            for path, value in point.items():
-                set_path(config, path, value)
-            seed = base_seed + offset
-            if "train.seed" not in point:
-                set_path(config, "train.seed", seed)
-            points.append((config, point, seed))
-    return points
-
-
-def _point_name(base_name: str | None, point: dict[str, Any], seed: int, seeds: int) -> str | None:
-    parts = [f"{path.rsplit('.', 1)[-1]}={value}" for path, value in point.items()]
-    if seeds > 1:
-        parts.append(f"seed={seed}")
-    label = ",".join(parts)
-    name = f"{base_name} {label}".strip() if base_name else label
-    return name[:200] or None
-
-
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
@@ -95,22 +38,22 @@ def _point_name(base_name: str | None, point: dict[str, Any], seed: int, seeds: 
 )
 async def create_sweep(body: SweepCreate, project: ProjectDep, runtime: RuntimeDep) -> SweepPublic:
     settings = runtime.settings
-    n = max(1, len(list(itertools.product(*body.grid.values())))) * body.seeds
+    n = sweeps.grid_size(body.grid, body.seeds)
     if n > settings.max_sweep_jobs:
         raise Invalid("grid", f"the sweep expands to {n} jobs; at most {settings.max_sweep_jobs} are allowed")
-    configs: list[tuple[JobConfig, dict[str, Any], int]] = []
-    for raw, point, seed in expand(body):
+    configs: list[JobConfig] = []
+    for raw, point, seed in sweeps.expand(body.base, body.grid, body.seeds):
         try:
             config = check_config(raw, settings, prefix="base.")
         except ApiError as exc:
             raise _blame_grid(exc, point) from None
-        name = _point_name(body.name or config.name, point, seed, body.seeds)
+        name = sweeps.point_name(body.name or config.name, point, seed, body.seeds)
         if name != config.name:
             config.name = name
-        configs.append((config, point, seed))
+        configs.append(config)
     async with runtime.sessions() as session, session.begin():
         checked: set[str] = set()
-        for config, _, _ in configs:
+        for config in configs:
             dataset = data_field(config, "dataset")
             if dataset is not None and dataset not in checked:
                 checked.add(dataset)
@@ -119,17 +62,16 @@ async def create_sweep(body: SweepCreate, project: ProjectDep, runtime: RuntimeD
         public, queued = await session.run_sync(_create, project.project_id, body, configs)
     runtime.quota.added(project.project_id, len(queued))
     runtime.metrics.submissions.inc(len(queued))
-    await enqueue_after_commit(runtime, queued)
+    await runtime.enqueue_after_commit(queued)
     return public
 
 
 def _blame_grid(exc: ApiError, point: dict[str, Any]) -> ApiError:
     """An error at a field the grid sets is the grid's, not the base's."""
-    field = (exc.field or "").removeprefix("base.")
-    for path, value in point.items():
-        if field == path or field.startswith(f"{path}.") or path.startswith(f"{field}."):
-            return Invalid(f"grid.{path}", f"value {value!r}: {exc.message.split(': ', 1)[-1]}")
-    return exc
+    path = sweeps.grid_path_of((exc.field or "").removeprefix("base."), point)
+    if path is None:
+        return exc
+    return Invalid(f"grid.{path}", f"value {point[path]!r}: {exc.message.split(': ', 1)[-1]}")
 
 
 def _create(session, project_id: str, body: SweepCreate, configs) -> tuple[SweepPublic, list[tuple[str, int]]]:
@@ -143,7 +85,7 @@ def _create(session, project_id: str, body: SweepCreate, configs) -> tuple[Sweep
         name=body.name,
     )
     queued = []
-    for config, _, _ in configs:
+    for config in configs:
         job, _ = repo.create_job(session, project_id=project_id, sweep_id=sweep.id, **job_fields(config))
         queued.append((job.id, job.priority))
     return _summary(session, sweep), queued
@@ -154,7 +96,7 @@ def _summary(session, sweep) -> SweepPublic:
     jobs: list[Job] = repo.list_sweep_jobs(session, sweep.id)
     counts = repo.sweep_state_counts(session, sweep.id)
     metric, goal = sweeps.task_metric(sweep.base)
-    base_seed = get_path(sweep.base, "train.seed")
+    base_seed = sweeps.get_path(sweep.base, "train.seed")
     now = utcnow()
     rows, outcomes = [], []
     for job in jobs:
@@ -167,8 +109,8 @@ def _summary(session, sweep) -> SweepPublic:
         if summary is None and started:
             latest = {name: value for name, (_, value) in repo.last_metrics(session, job.id).items()}
             summary = latest
-        point = {path: get_path(job.config, path) for path in sweep.grid}
-        seed = get_path(job.config, "train.seed")
+        point = {path: sweeps.get_path(job.config, path) for path in sweep.grid}
+        seed = sweeps.get_path(job.config, "train.seed")
         rows.append(
             SweepJob(
                 job_id=job.id,
