@@ -69,6 +69,7 @@ def _run_api(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from service.api.app import create_app
     from service.store.settings import get_settings
 
     fast = {}
@@ -81,7 +82,9 @@ def _run_api(args: argparse.Namespace) -> int:
         os.environ["UNROLL_LOG_LEVEL"] = args.log_level
         get_settings.cache_clear()
     uvicorn.run(
-        "service.api.app:create_app",
+        # By import path (uvicorn's worker processes import it themselves), derived from
+        # the imported function so the import graph sees this dependency.
+        f"{create_app.__module__}:{create_app.__name__}",
         factory=True,
         host=args.host,
         port=args.port,
