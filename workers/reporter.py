@@ -202,7 +202,7 @@ class JobReporter(Callback):
     def _store_checkpoint(self, step: int, state: dict[str, Any]) -> Stored:
         a = self.attempt
         # The attempt is in the name: a zombie can never overwrite a live attempt's file.
-        uri = a.store.uri("jobs", a.job_id, "checkpoints", f"step-{step:08d}-a{a.number}.pt")
+        uri = a.store.checkpoint_uri(a.job_id, step, a.number)
         return a.store.put_bytes(uri, ckpt.to_bytes(state))
 
     def abandon(self) -> None:

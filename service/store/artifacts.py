@@ -37,8 +37,10 @@ class ArtifactStore:
     def uri(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    def checkpoint_uri(self, job_id: str, step: int) -> str:
-        return self.uri("jobs", job_id, "checkpoints", f"step-{step:08d}.pt")
+    def checkpoint_uri(self, job_id: str, step: int, attempt: int) -> str:
+        """Where attempt `attempt` of a job keeps its checkpoint of `step`: per attempt, so a
+        stale attempt never overwrites the file the current one recorded."""
+        return self.uri("jobs", job_id, "checkpoints", f"step-{step:08d}-a{attempt}.pt")
 
     def dataset_uri(self, dataset_id: str, filename: str) -> str:
         return self.uri("datasets", dataset_id, _safe_name(filename))

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.store.keys import DEFAULT_PREFIX
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -30,7 +32,7 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///.unroll/unroll.db"
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Every Redis key starts with this (service.store.keys), so deployments can share a server.
-    redis_prefix: str = "unroll"
+    redis_prefix: str = DEFAULT_PREFIX
     # None: start a local Ray instance.
     ray_address: str | None = None
     # Artifact store root: a local path or any fsspec URL.

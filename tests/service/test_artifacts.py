@@ -17,8 +17,8 @@ def store(request, tmp_path):
 
 
 def test_put_and_read_back(store, tmp_path):
-    uri = store.checkpoint_uri("job_1", 500)
-    assert uri.endswith("jobs/job_1/checkpoints/step-00000500.pt")
+    uri = store.checkpoint_uri("job_1", 500, 2)
+    assert uri.endswith("jobs/job_1/checkpoints/step-00000500-a2.pt")
     stored = store.put_stream(uri, iter([b"abc", b"def"]))
     assert stored.bytes == 6 and stored.sha256 == hashlib.sha256(b"abcdef").hexdigest()
     assert store.read_bytes(uri) == b"abcdef"

@@ -82,6 +82,8 @@ class Sweep(Base):
 
 
 class Job(Base):
+    # Rows are built in one place, service.store.db.repo.jobs.new_job_values (the API's
+    # group-committed insert and create_job both use it): no column has a default here.
     __tablename__ = "jobs"
     __table_args__ = (
         # One submission per (project, Idempotency-Key); NULL keys never collide.
@@ -92,32 +94,32 @@ class Job(Base):
         sa.CheckConstraint("max_attempts >= 1", name="max_attempts_positive"),
     )
 
-    id: Mapped[str] = mapped_column(sa.String(ID_LENGTH), primary_key=True, default=lambda: new_id("job"))
+    id: Mapped[str] = mapped_column(sa.String(ID_LENGTH), primary_key=True)
     project_id: Mapped[str] = mapped_column(sa.ForeignKey("projects.id", ondelete="CASCADE"))
     sweep_id: Mapped[str | None] = mapped_column(sa.ForeignKey("sweeps.id", ondelete="SET NULL"))
     name: Mapped[str | None] = mapped_column(sa.String(200))
-    tags: Mapped[list[str]] = mapped_column(JSONDoc, default=list)
+    tags: Mapped[list[str]] = mapped_column(JSONDoc)
     # The job configuration (SPEC §2) as submitted and validated.
     config: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
 
-    state: Mapped[JobState] = mapped_column(_enum(JobState, "state"), default=JobState.QUEUED)
-    priority: Mapped[int] = mapped_column(default=0)
+    state: Mapped[JobState] = mapped_column(_enum(JobState, "state"))
+    priority: Mapped[int]
     # Number of the latest try: 0 before the first claim, +1 at every claim. Monotonic, so
     # an old attempt can never pass the fence again (also across retries).
-    attempt: Mapped[int] = mapped_column(default=0)
-    max_attempts: Mapped[int] = mapped_column(default=3)
+    attempt: Mapped[int]
+    max_attempts: Mapped[int]
     # `attempt` when the job was last retried by a user: only tries after it count
     # against max_attempts.
-    retry_base: Mapped[int] = mapped_column(default=0)
+    retry_base: Mapped[int]
     # The worker of the current (or last) attempt; SPEC's `worker`.
     lease_owner: Mapped[str | None] = mapped_column(sa.String(200))
     worker = synonym("lease_owner")
     # Set only while running: past it, the attempt is presumed lost.
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
-    step: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    step: Mapped[int] = mapped_column(sa.BigInteger)
     max_steps: Mapped[int | None] = mapped_column(sa.BigInteger)
-    progress: Mapped[float] = mapped_column(default=0.0)
+    progress: Mapped[float]
     error: Mapped[str | None] = mapped_column(sa.Text)
     # Why a queued job cannot be placed yet (e.g. "needs 1 GPU; no GPU node"), for users.
     pending_reason: Mapped[str | None] = mapped_column(sa.Text)
@@ -129,11 +131,11 @@ class Job(Base):
     # Not claimable before this time (backoff after a lost attempt).
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # Start of the current (or last) attempt; the attempts table keeps every start.
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, onupdate=utcnow)
 
 
 # The dispatch order: highest priority first, then oldest (claim_next, queued_job_ids).

@@ -21,6 +21,7 @@ from service.store.db.models import (
 )
 from service.store.db.repo.common import get_owned
 from service.store.db.rules import claimable
+from trainer.config import JobConfig
 
 
 def create_job(session: Session, **fields: Any) -> tuple[Job, bool]:
@@ -184,20 +185,25 @@ JOB_INSERT_COLUMNS = (
 )
 
 
+_CONFIG_DEFAULTS = JobConfig.model_fields
+
+
 def new_job_values(
     *,
     project_id: str,
     config: Mapping[str, Any],
     name: str | None = None,
     tags: Sequence[str] = (),
-    priority: int = 0,
-    max_attempts: int = 3,
+    priority: int = _CONFIG_DEFAULTS["priority"].default,
+    max_attempts: int = _CONFIG_DEFAULTS["max_attempts"].default,
     max_steps: int | None = None,
     idempotency_key: str | None = None,
     sweep_id: str | None = None,
     now: datetime | None = None,
 ) -> dict[str, Any]:
-    """The row of a new queued job, keyed by JOB_INSERT_COLUMNS (with a fresh id)."""
+    """The row of a new queued job, keyed by JOB_INSERT_COLUMNS (with a fresh id): the one
+    place a job row is built. The fields that come from the job's config default to the
+    config schema's own defaults."""
     now = now or utcnow()
     return {
         "id": new_id("job"),
