@@ -23,13 +23,14 @@ import enum
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from service.store.keys import DEFAULT_PREFIX, Keys
+from service.store.lifecycle import TERMINAL_STATE_NAMES
 
 # How long subscribing may take before we call Redis unresponsive.
 SUBSCRIBE_TIMEOUT_S = 5.0
@@ -155,3 +156,24 @@ class Subscription:
 def subscribe(redis: aioredis.Redis, job_id: str, prefix: str = DEFAULT_PREFIX) -> Subscription:
     """The live events of `job_id`, as an async context manager (see ``Subscription``)."""
     return Subscription(redis, job_id, prefix)
+
+
+def ends_stream(event: Mapping[str, Any]) -> bool:
+    """A job's stream ends after the event that says it reached a terminal state."""
+    return event.get("type") == "state" and event.get("state") in TERMINAL_STATE_NAMES
+
+
+async def follow(
+    subscription: Subscription, snapshot: Mapping[str, Any], keepalive_s: float
+) -> AsyncIterator[Mapping[str, Any] | None]:
+    """A job's stream: its `snapshot` (a state event of the job as it is now, read after
+    subscribing so no event falls between the two), then its live events until one ends the
+    stream. None when nothing came within `keepalive_s` (a keep-alive is due)."""
+    yield snapshot
+    if ends_stream(snapshot):
+        return
+    while True:
+        event = await subscription.get(timeout=keepalive_s)
+        yield event
+        if event is not None and ends_stream(event):
+            return

@@ -344,9 +344,6 @@ def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'), default=str)}\n\n"
 
 
-_TERMINAL = {s.value for s in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)}
-
-
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
@@ -374,20 +371,10 @@ async def job_events_stream(job_id: JobId, project: ProjectDep, runtime: Runtime
         raise
 
     async def stream() -> AsyncIterator[str]:
+        snapshot = {"type": "state", "job_id": job_id, "snapshot": True, **current.model_dump(mode="json")}
         try:
-            snapshot = {"type": "state", "job_id": job_id, "snapshot": True, **current.model_dump(mode="json")}
-            yield sse("state", snapshot)
-            if current.state in _TERMINAL:
-                return
-            while True:
-                event = await subscription.get(timeout=KEEPALIVE_S)
-                if event is None:
-                    yield ": keep-alive\n\n"
-                    continue
-                kind = str(event.get("type") or "message")
-                yield sse(kind, event)
-                if kind == "state" and event.get("state") in _TERMINAL:
-                    return
+            async for event in job_events.follow(subscription, snapshot, KEEPALIVE_S):
+                yield ": keep-alive\n\n" if event is None else sse(str(event.get("type") or "message"), event)
         except (RedisError, OSError) as exc:
             yield sse("error", {"type": "error", "message": f"event stream interrupted: {exc}"})
         finally:
