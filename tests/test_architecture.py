@@ -125,3 +125,8 @@ def test_no_module_of_ours_is_imported_by_a_string():
 def test_no_product_module_is_over_500_lines(package):
     long = {name: n for name, path in _modules().items() if name.split(".")[0] == package and (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_the_architecture_picture_is_current():
+    result = subprocess.run([sys.executable, str(ROOT / "docs" / "architecture.py"), "--check"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,83 @@
+"""Draw the layers of docs/architecture.md from the real import graph.
+
+    python docs/architecture.py          # rewrite the diagram in docs/architecture.md
+    python docs/architecture.py --check  # exit 1 if the diagram is out of date (make test runs it)
+
+Each box is a group of modules (a layer, or a package inside one); an arrow A --> B means
+some module of A imports some module of B, labelled with how many imports do. The groups
+are listed below; a module belongs to the longest group that prefixes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import grimp
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "architecture.md"
+BEGIN, END = "<!-- import-graph:begin -->", "<!-- import-graph:end -->"
+
+# (group, what it is), top layer first.
+GROUPS = [
+    ("service.cli", "command line and operations"),
+    ("service.api", "HTTP API"),
+    ("workers", "dispatcher and Ray tasks"),
+    ("service.store", "shared store"),
+    ("service.store.db", "database: models, repositories, transitions"),
+    ("trainer", "TBPTT engine"),
+]
+
+
+def group_of(module: str) -> str | None:
+    matches = [name for name, _ in GROUPS if module == name or module.startswith(name + ".")]
+    return max(matches, key=len) if matches else None
+
+
+def edges() -> dict[tuple[str, str], int]:
+    sys.path.insert(0, str(ROOT))
+    graph = grimp.build_graph("service", "workers", "trainer", exclude_type_checking_imports=False, cache_dir=None)
+    counts: dict[tuple[str, str], int] = {}
+    for module in graph.modules:
+        source = group_of(module)
+        for imported in graph.find_modules_directly_imported_by(module):
+            target = group_of(imported)
+            if source and target and source != target:
+                counts[(source, target)] = counts.get((source, target), 0) + 1
+    return counts
+
+
+def mermaid() -> str:
+    ids = {name: name.replace(".", "_") for name, _ in GROUPS}
+    lines = ["```mermaid", "flowchart TD"]
+    lines += [f'    {ids[name]}["<b>{name}</b><br/>{what}"]' for name, what in GROUPS]
+    lines += [f"    {ids[a]} -->|{n}| {ids[b]}" for (a, b), n in sorted(edges().items())]
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def render(text: str) -> str:
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{mermaid()}\n{END}{tail}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/architecture.md is out of date")
+    args = parser.parse_args()
+    current = DOC.read_text()
+    fresh = render(current)
+    if args.check:
+        if fresh != current:
+            print("docs/architecture.md: the import graph changed; run python docs/architecture.py", file=sys.stderr)
+            return 1
+        return 0
+    DOC.write_text(fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
