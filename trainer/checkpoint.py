@@ -10,18 +10,36 @@ from __future__ import annotations
 import io
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from trainer.config import ConfigError, JobConfig, config_dict
 
-if TYPE_CHECKING:
-    from trainer.loop import Trainer
-
 FORMAT = 1
 # Sections that define the trajectory: resuming with another value would not continue it.
 TRAJECTORY = ("model", "data", "tbptt", "clip", "optim")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any], /) -> Any: ...
+
+
+class Resumable(Protocol):
+    """What a checkpoint holds the state of (trainer.loop.Trainer is one). Described here
+    rather than imported, so that checkpoints depend on nothing but the config."""
+
+    config: JobConfig
+    device: torch.device  # where the carried state goes back to on restore
+    model: Stateful
+    optimizer: Stateful
+    schedule: Stateful
+    scaler: Stateful
+    clipper: Stateful
+    cursor: Stateful  # where the streams are, and their carried state
+    counters: Stateful  # the update count ("step") and the summary's running totals
+    window_rng: torch.Generator
 
 
 def _to_cpu(value: Any) -> Any:
@@ -41,8 +59,7 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value.to(device)
 
 
-def capture(trainer: "Trainer") -> dict[str, Any]:
-    cursor, counters = trainer.cursor, trainer.counters
+def capture(trainer: Resumable) -> dict[str, Any]:
     rng = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
@@ -50,34 +67,23 @@ def capture(trainer: "Trainer") -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    counters = trainer.counters.state_dict()
     return {
         "format": FORMAT,
         "config": config_dict(trainer.config),
-        "step": counters.step,
+        "step": counters["step"],
         "model": _to_cpu(trainer.model.state_dict()),
         "optimizer": _to_cpu(trainer.optimizer.state_dict()),
         "schedule": trainer.schedule.state_dict(),
         "scaler": trainer.scaler.state_dict(),
         "clipper": trainer.clipper.state_dict(),
         "rng": rng,
-        "cursor": {
-            "epoch": cursor.epoch,
-            "position": cursor.position,
-            "kept_position": cursor.kept_position,
-            "kept": _to_cpu(cursor.kept),
-        },
-        "counters": {
-            "step": counters.step,
-            "tokens": counters.tokens,
-            "clipped": counters.clipped,
-            "skipped": counters.skipped,
-            "train_seconds": counters.train_seconds,
-            "recent_losses": list(counters.recent_losses),
-        },
+        "cursor": _to_cpu(trainer.cursor.state_dict()),
+        "counters": counters,
     }
 
 
-def restore(trainer: "Trainer", state: dict[str, Any]) -> None:
+def restore(trainer: Resumable, state: dict[str, Any]) -> None:
     if state.get("format") != FORMAT:
         raise ValueError(f"unsupported checkpoint format {state.get('format')!r}")
     trainer.model.load_state_dict(state["model"])
@@ -85,16 +91,9 @@ def restore(trainer: "Trainer", state: dict[str, Any]) -> None:
     trainer.schedule.load_state_dict(state["schedule"])
     trainer.scaler.load_state_dict(state["scaler"])
     trainer.clipper.load_state_dict(state["clipper"])
-    cur = state["cursor"]
-    trainer.cursor.epoch, trainer.cursor.position = cur["epoch"], cur["position"]
-    trainer.cursor.kept_position = cur["kept_position"]
-    trainer.cursor.kept = _to_device(cur["kept"], trainer.device)
-    c = state["counters"]
-    counters = trainer.counters
-    counters.step, counters.tokens = c["step"], c["tokens"]
-    counters.clipped, counters.skipped, counters.train_seconds = c["clipped"], c["skipped"], c["train_seconds"]
-    counters.recent_losses.clear()
-    counters.recent_losses.extend(c["recent_losses"])
+    cursor = state["cursor"]
+    trainer.cursor.load_state_dict({**cursor, "kept": _to_device(cursor["kept"], trainer.device)})
+    trainer.counters.load_state_dict(state["counters"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])

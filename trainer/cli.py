@@ -18,8 +18,7 @@ from typing import Any, TextIO
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, config_dict, load_config
 from trainer.loop import Callback, NonFiniteError, Summary, fit
-
-CHECKPOINT_GLOB = "step-*.pt"
+from trainer.reporting import FileReporter, latest_checkpoint
 
 
 def add_parser(subparsers) -> None:
@@ -30,28 +29,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-steps", type=int, metavar="N", help="override train.max_steps")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object last on stdout")
     p.set_defaults(func=run)
-
-
-class FileReporter(Callback):
-    """Writes metrics.jsonl and checkpoints under the output folder."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        self._metrics = (out / "metrics.jsonl").open("a", buffering=1 << 16)
-
-    def _write(self, step: int, metrics: dict[str, Any]) -> None:
-        self._metrics.write(json.dumps({"step": step, **metrics}) + "\n")
-
-    on_update = on_eval = _write
-
-    def on_checkpoint(self, step: int, checkpoint: dict[str, Any]) -> None:
-        self._metrics.flush()
-        ckpt.save(self.out / "checkpoints" / f"step-{step:08d}.pt", checkpoint)
-
-    def on_end(self, summary: Summary) -> None:
-        self._metrics.close()
-        (self.out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
 
 
 class Progress(Callback):
@@ -124,11 +101,6 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted((folder / "checkpoints").glob(CHECKPOINT_GLOB))
-    return found[-1] if found else None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -285,9 +285,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     trainer's CLI, `unroll submit` and `unroll sweep`)."""
     try:
         text = Path(path).read_text()
-        raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([("", f"cannot read {path}: {exc}")]) from None
+    try:
+        raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError([("", f"{path}: not valid YAML/JSON: {exc}")]) from None
     if not isinstance(raw, dict):
         raise ConfigError([("", f"{path}: the config must be a mapping")])
     return raw

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from trainer.config import ConfigError
 from trainer.data import Streams, Window
-from trainer.loop import Callback, Summary
+from trainer.loop import Callback, Summary, Trainer
 from trainer.models import State
 from trainer.tbptt import Runner, evaluate, map_state
 
@@ -61,9 +61,9 @@ class Sync:
         self.rank = dist.get_rank() if rank is None else rank
         self.world = dist.get_world_size() if world is None else world
 
-    # -- hooks called by trainer.loop.Trainer -------------------------------------------
+    # -- hooks called by trainer.loop.Trainer (its DataParallel protocol) ---------------
 
-    def attach(self, trainer) -> None:
+    def attach(self, trainer: Trainer) -> None:
         """Before the carried state exists: take this rank's streams, start from rank 0's
         parameters, and give the rank its own dropout randomness."""
         trainer.streams = self.shard(trainer.data.train)

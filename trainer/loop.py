@@ -14,20 +14,17 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
 from trainer import checkpoint as ckpt
 from trainer.clipping import Clipper
 from trainer.config import ConfigError, JobConfig, config_dict, parse_config
-from trainer.data import Data, load_data
-from trainer.models import RNNModel, count_parameters
+from trainer.data import Data, Streams, Window, load_data
+from trainer.models import RNNModel, State, count_parameters
 from trainer.optim import Schedule, build_optimizer
-from trainer.tbptt import Runner, detach, evaluate, map_state, plan_update
-
-if TYPE_CHECKING:
-    from trainer.distributed import Sync
+from trainer.tbptt import Plan, Runner, detach, evaluate, map_state, plan_update
 
 
 class Callback:
@@ -95,15 +92,72 @@ class Cursor:
     kept_position: int = 0
     kept: Any = None
 
+    def state_dict(self) -> dict[str, Any]:  # live tensors: checkpoint.capture copies them
+        return {"epoch": self.epoch, "position": self.position, "kept_position": self.kept_position, "kept": self.kept}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self.kept_position, self.kept = state["kept_position"], state["kept"]
+
 
 @dataclass
 class Counters:
+    """The run's totals so far; checkpointed, so a resumed run's summary covers all of it."""
+
     step: int = 0
     tokens: int = 0
     clipped: int = 0
     skipped: int = 0
     train_seconds: float = 0.0
     recent_losses: deque = field(default_factory=lambda: deque(maxlen=50))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "clipped": self.clipped,
+            "skipped": self.skipped,
+            "train_seconds": self.train_seconds,
+            "recent_losses": list(self.recent_losses),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.clipped, self.skipped, self.train_seconds = state["clipped"], state["skipped"], state["train_seconds"]
+        self.recent_losses.clear()
+        self.recent_losses.extend(state["recent_losses"])
+
+
+class DataParallel(Protocol):
+    """The group of a data-parallel rank, as the engine calls it (trainer.distributed.Sync
+    is the implementation). Described here so that the engine never imports it."""
+
+    def attach(self, trainer: Trainer) -> None: ...
+    def count(self, local: int) -> int: ...
+    def reduce_gradients(self, params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor: ...
+    def evaluate(self, runner: Runner, valid: Streams, device: torch.device) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    """What one update will compute, fixed before any of it runs."""
+
+    segments: Plan  # positions: carried state, graph start, loss start, boundary, next kept
+    window: Window  # rows segments.kept .. segments.end, on the device
+    count: int  # scored (step, stream) pairs of the loss, over every rank
+    lr: float
+    new_steps: int  # how far the cursor moves: this update's k1
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The optimizer step's numbers; the defaults are a window with nothing scored."""
+
+    loss: float | None = None  # may be non-finite
+    grad_norm: float | None = None
+    clipped_norm: float | None = None
+    clipped: float = 0.0
+    skipped: bool = False
 
 
 class Trainer:
@@ -112,7 +166,7 @@ class Trainer:
     With `sync` (trainer/distributed.py) this is one rank of a data-parallel group: it
     trains its block of the streams and sums gradients with the others before clipping."""
 
-    def __init__(self, config: JobConfig, data: Data, device: torch.device, sync: "Sync | None" = None):
+    def __init__(self, config: JobConfig, data: Data, device: torch.device, sync: DataParallel | None = None):
         self.config, self.data, self.device, self.sync = config, data, device, sync
         torch.manual_seed(config.train.seed)
         self.model = RNNModel(config.model, data.task).to(device)
@@ -179,78 +233,92 @@ class Trainer:
     # -- one update -------------------------------------------------------------------
 
     def update(self) -> dict[str, float | None]:
+        """One TBPTT update: plan it, step the parameters, report what happened."""
         started = time.perf_counter()
-        cursor, counters = self.cursor, self.counters
+        plan = self.plan()
+        result = self.step(plan)
+        return self.report(plan, result, time.perf_counter() - started)
+
+    def plan(self) -> UpdatePlan:
+        """The next window: its k1 and k2, its segments (tbptt.plan_update), its rate."""
+        cursor = self.cursor
         k1, k2, lr_scale = self.window_length()
-        plan = plan_update(cursor.position, cursor.kept_position, k1, k2, self.streams.length)
-        host = self.streams.window(plan.kept, plan.end)
-        count = int(host.scored[plan.loss - plan.kept :].sum())
+        segments = plan_update(cursor.position, cursor.kept_position, k1, k2, self.streams.length)
+        host = self.streams.window(segments.kept, segments.end)
+        # Counted on the host, before the copy: the count needs no device sync.
+        count = int(host.scored[segments.loss - segments.kept :].sum())
         if self.sync is not None:
             count = self.sync.count(count)  # the loss is a mean over every rank's pairs
-        window = host.to(self.device)
+        lr = self.schedule.lr(self.counters.step) * lr_scale
+        return UpdatePlan(segments, host.to(self.device), count, lr, segments.end - cursor.position)
 
-        state = cursor.kept
-        if plan.kept < plan.graph:
-            state = self.runner.advance(window, plan.kept, plan.kept, plan.graph, state)
+    def step(self, plan: UpdatePlan) -> StepResult:
+        """Forward, backward, clip and the optimizer step; the streams move on."""
+        segments, window = plan.segments, plan.window
+        state = self.cursor.kept
+        if segments.kept < segments.graph:
+            state = self.runner.advance(window, segments.kept, segments.kept, segments.graph, state)
         state = detach(state)
-        lr = self.schedule.lr(counters.step) * lr_scale
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = plan.lr
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.enable_grad() if count else torch.no_grad():
-            loss_sum, kept = self.runner.loss(window, plan.kept, plan, state)
-        new_steps = plan.end - cursor.position
-        metrics: dict[str, float | None] = {"train/lr": lr, "train/k1": float(new_steps)}
-        if count:
-            metrics.update(self._step_optimizer(loss_sum / count))
-        else:  # no scored step in this window (e.g. mid-episode): nothing to learn from
-            metrics.update({"train/loss": None, "train/grad_norm": None, "train/grad_norm_clipped": None, "train/clipped": 0.0, "train/skipped": 0.0})
+        with torch.enable_grad() if plan.count else torch.no_grad():
+            loss_sum, kept = self.runner.loss(window, segments.kept, segments, state)
+        # A window with no scored step (e.g. mid-episode) has nothing to learn from.
+        result = self._apply_gradients(loss_sum / plan.count) if plan.count else StepResult()
+        self._advance_cursor(segments, kept)
+        return result
 
-        self._advance_cursor(plan, kept)
-        new_tokens = new_steps * self.data.train.batch_size  # every rank's streams
-        counters.tokens += new_tokens
+    def report(self, plan: UpdatePlan, result: StepResult, elapsed: float) -> dict[str, float | None]:
+        """Count the update into the run's totals; the metrics the callbacks receive."""
+        counters = self.counters
+        new_tokens = plan.new_steps * self.data.train.batch_size  # every rank's streams
         counters.step += 1
-        elapsed = time.perf_counter() - started
+        counters.tokens += new_tokens
         counters.train_seconds += elapsed
-        metrics["train/tokens_per_s"] = new_tokens / elapsed if elapsed > 0 else None
-        return metrics
+        counters.clipped += int(result.clipped)
+        counters.skipped += int(result.skipped)
+        if result.loss is not None and math.isfinite(result.loss):
+            counters.recent_losses.append(result.loss)
+        return {
+            "train/lr": plan.lr,
+            "train/k1": float(plan.new_steps),
+            "train/loss": finite_or_none(result.loss),
+            "train/grad_norm": finite_or_none(result.grad_norm),
+            "train/grad_norm_clipped": finite_or_none(result.clipped_norm),
+            "train/clipped": float(result.clipped),
+            "train/skipped": float(result.skipped),
+            "train/tokens_per_s": new_tokens / elapsed if elapsed > 0 else None,
+        }
 
-    def _step_optimizer(self, loss: torch.Tensor) -> dict[str, float | None]:
-        counters, cfg = self.counters, self.config
+    def _apply_gradients(self, loss: torch.Tensor) -> StepResult:
         self.scaler.scale(loss).backward()
         if self.sync is not None:  # before clipping: the clip sees the global norm
             loss = self.sync.reduce_gradients(self.params, loss)
         self.scaler.unscale_(self.optimizer)
         clip = self.clipper.clip(self.params)
+        # One transfer for the four numbers (one device sync, not four).
         loss_value, norm, clipped_norm, clipped = torch.stack(
             [loss.detach().float(), clip.norm.float(), clip.clipped_norm.float(), clip.clipped.float()]
         ).tolist()
         finite_loss, finite_grad = math.isfinite(loss_value), math.isfinite(norm)
         skipped = not (finite_loss and finite_grad)
-        if skipped and cfg.clip.on_nonfinite == "fail" and not (self.scaler.is_enabled() and finite_loss):
-            raise NonFiniteError(counters.step + 1, "gradient" if finite_loss else "loss")
+        # With fp16, a non-finite gradient under a finite loss is the scaler's overflow,
+        # which it handles by lowering the scale: not a failure.
+        if skipped and self.config.clip.on_nonfinite == "fail" and not (self.scaler.is_enabled() and finite_loss):
+            raise NonFiniteError(self.counters.step + 1, "gradient" if finite_loss else "loss")
         if not skipped:
             self.scaler.step(self.optimizer)
         self.scaler.update()
-        counters.clipped += int(clipped)
-        counters.skipped += int(skipped)
-        if finite_loss:
-            counters.recent_losses.append(loss_value)
-        return {
-            "train/loss": finite_or_none(loss_value),
-            "train/grad_norm": finite_or_none(norm),
-            "train/grad_norm_clipped": finite_or_none(clipped_norm),
-            "train/clipped": float(clipped),
-            "train/skipped": float(skipped),
-        }
+        return StepResult(loss_value, norm, clipped_norm, clipped, skipped)
 
-    def _advance_cursor(self, plan, kept) -> None:
+    def _advance_cursor(self, segments: Plan, kept: State) -> None:
         cursor = self.cursor
         kept = detach(kept)
         if not all(torch.isfinite(s).all() for s in (kept if isinstance(kept, tuple) else (kept,))):
             kept = map_state(torch.zeros_like, kept)  # nothing can follow from a non-finite state
-        cursor.position, cursor.kept_position, cursor.kept = plan.end, plan.keep, kept
-        if plan.end == self.streams.length:  # the epoch is over: the stream starts again
+        cursor.position, cursor.kept_position, cursor.kept = segments.end, segments.keep, kept
+        if segments.end == self.streams.length:  # the epoch is over: the stream starts again
             cursor.epoch += 1
             cursor.position = cursor.kept_position = 0
             if self.config.tbptt.reset_each_epoch:
@@ -294,7 +362,7 @@ def fit(
     callbacks: Iterable[Callback] = (),
     resume: dict[str, Any] | None = None,
     resolve: Callable[[str], Path] | None = None,
-    sync: "Sync | None" = None,
+    sync: DataParallel | None = None,
 ) -> Summary:
     """Train a job config to its budget; report through callbacks; return the summary.
 

@@ -84,6 +84,17 @@ def _unflat(tensors: tuple[torch.Tensor, ...], like: State) -> State:
 # -- running segments -------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Segment:
+    """What one fused run over the rows [a, b) of a window produced."""
+
+    state: State  # at position b
+    loss: torch.Tensor  # summed over the scored rows of [lo, b); zero when lo >= b
+    pred: torch.Tensor | None = None  # predictions, targets and mask of rows [lo, b)
+    targets: torch.Tensor | None = None
+    scored: torch.Tensor | None = None
+
+
 @dataclass
 class Runner:
     """Runs a model over stream windows: fused calls between cuts, optional resets,
@@ -108,13 +119,7 @@ class Runner:
         """Move the state from position start to end without building a graph."""
         with torch.no_grad(), self.autocast():
             for a, b in _pairs(self.cuts(window, start, end, base)):
-                state = self._segment_state(window, base, a, b, state)
-        return state
-
-    def _segment_state(self, window: Window, base: int, a: int, b: int, state: State) -> State:
-        if self.reset_on_document:
-            state = _reset(state, window.starts[a - base])
-        _, state = self.model.recur(window.inputs[a - base : b - base], state)
+                state = self.segment(window, base, a, b, b, state).state
         return state
 
     def loss(self, window: Window, base: int, plan: Plan, state: State) -> tuple[torch.Tensor, State]:
@@ -128,31 +133,38 @@ class Runner:
             for a, b in _pairs(self.cuts(window, plan.graph, plan.end, base, (plan.keep,))):
                 lo = max(a, plan.loss)
                 if self.checkpoint_every:
-                    flat = checkpoint(self._segment, window, base, a, b, lo, *_flat(state), use_reentrant=False)
+                    flat = checkpoint(self._checkpointed_loss, window, base, a, b, lo, *_flat(state), use_reentrant=False)
                     part, state = flat[0], _unflat(flat[1:], state)
                 else:
-                    part, state = self._segment_loss(window, base, a, b, lo, state)
+                    seg = self.segment(window, base, a, b, lo, state)
+                    part, state = seg.loss, seg.state
                 total = total + part
                 if b == plan.keep:
                     kept = state
         return total, kept
 
-    def _segment(self, window, base, a, b, lo, *flat_state):
-        part, state = self._segment_loss(window, base, a, b, lo, _unflat(flat_state, self._like))
-        return (part, *_flat(state))
+    def segment(self, window: Window, base: int, a: int, b: int, lo: int, state: State) -> Segment:
+        """One fused run over rows [a, b) from the state at position a, scored on rows [lo, b).
+
+        The one place a segment is computed: training's advance (lo = b) and loss, and
+        evaluation (lo = a), so the three cannot drift apart."""
+        if self.reset_on_document:
+            state = _reset(state, window.starts[a - base])
+        outputs, state = self.model.recur(window.inputs[a - base : b - base], state)
+        if lo >= b:  # nothing scored: skip the head, whose dropout would also move the RNG
+            return Segment(state, outputs.new_zeros(()))
+        pred = self.model.head(outputs[lo - a :])
+        targets, scored = window.targets[lo - base : b - base], window.scored[lo - base : b - base]
+        return Segment(state, loss_sum(pred, targets, scored), pred, targets, scored)
+
+    def _checkpointed_loss(self, window, base, a, b, lo, *flat_state):
+        # torch.utils.checkpoint passes and returns tensors only, so the state travels flat.
+        seg = self.segment(window, base, a, b, lo, _unflat(flat_state, self._like))
+        return (seg.loss, *_flat(seg.state))
 
     @property
     def _like(self) -> State:
         return (None, None) if self.model.cell == "lstm" else None
-
-    def _segment_loss(self, window: Window, base: int, a: int, b: int, lo: int, state: State):
-        if self.reset_on_document:
-            state = _reset(state, window.starts[a - base])
-        outputs, state = self.model.recur(window.inputs[a - base : b - base], state)
-        if lo >= b:
-            return outputs.new_zeros(()), state
-        pred = self.model.head(outputs[lo - a :])
-        return loss_sum(pred, window.targets[lo - base : b - base], window.scored[lo - base : b - base]), state
 
 
 def loss_sum(pred: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
@@ -184,15 +196,12 @@ def evaluate(runner: Runner, streams: Streams, device: torch.device, chunk: int 
                 end = min(start + chunk, streams.length)
                 window = streams.window(start, end).to(device)
                 for a, b in _pairs(runner.cuts(window, start, end, start)):
-                    if runner.reset_on_document:
-                        state = _reset(state, window.starts[a - start])
-                    outputs, state = model.recur(window.inputs[a - start : b - start], state)
-                    pred = model.head(outputs)
-                    targets, scored = window.targets[a - start : b - start], window.scored[a - start : b - start]
-                    loss += loss_sum(pred, targets, scored).item()
-                    count += scored.sum().item()
-                    if pred.dim() == targets.dim() + 1:
-                        correct += ((pred.argmax(-1) == targets) & scored).sum().item()
+                    seg = runner.segment(window, start, a, b, a, state)
+                    state = seg.state
+                    loss += seg.loss.item()
+                    count += seg.scored.sum().item()
+                    if seg.pred.dim() == seg.targets.dim() + 1:  # classes: accuracy too
+                        correct += ((seg.pred.argmax(-1) == seg.targets) & seg.scored).sum().item()
     finally:
         model.train(was_training)
     return {"loss": loss / max(count, 1), "correct": correct / max(count, 1), "count": count}

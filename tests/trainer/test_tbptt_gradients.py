@@ -200,7 +200,6 @@ def test_activation_checkpointing_changes_nothing(k1, k2, every):
 
 def test_plan_rule():
     # k2 > k1: the graph reaches k2 back from τ and keeps the state k2 − k1 before τ.
-    assert plan_update(p=8, kept=5, k1=4, k2=7, length=100) == plan_update(8, 5, 4, 7, 100)
     plan = plan_update(p=8, kept=5, k1=4, k2=7, length=100)
     assert (plan.graph, plan.loss, plan.end, plan.keep) == (5, 8, 12, 9)
     # k2 < k1: the graph starts after the window start, the loss covers only the graph.
@@ -211,3 +210,29 @@ def test_plan_rule():
     assert (plan.graph, plan.loss, plan.end, plan.keep) == (0, 0, 2, 0)
     plan = plan_update(p=96, kept=93, k1=4, k2=7, length=98)
     assert (plan.graph, plan.loss, plan.end, plan.keep) == (93, 96, 98, 98)
+
+
+@pytest.mark.parametrize("k1", [1, 2, 3, 5])
+@pytest.mark.parametrize("k2", [1, 2, 4, 7])
+@pytest.mark.parametrize("length", [1, 6, 13])
+def test_plan_rule_follows_the_spec_over_a_whole_stream(k1, k2, length):
+    """SPEC §1, window after window from the stream's start: each update ends at τ (k1 on,
+    or the stream's end), its graph starts k2 back (never before the stream's start, nor
+    before the state the last update kept), its loss covers (τ − min(k1, k2), τ] inside the
+    window, and the windows tile the stream."""
+    p = kept = 0
+    scored: list[int] = []
+    while p < length:
+        plan = plan_update(p, kept, k1, k2, length)
+        tau = min(p + k1, length)
+        assert plan.end == tau
+        assert plan.graph == (max(tau - k2, 0) if tau == p + k1 else max(tau - k2, kept))
+        assert plan.loss == max(p, tau - min(k1, k2))
+        assert plan.graph <= plan.loss <= plan.end and plan.graph <= plan.keep <= plan.end
+        if tau + k1 <= length:  # the next update's graph, k2 back from its τ, finds its start kept
+            assert plan.keep <= max(tau + k1 - k2, 0)
+        scored += range(plan.loss, plan.end)
+        p, kept = plan.end, plan.keep
+    assert scored == sorted(set(scored))  # no step scored twice
+    if k2 >= k1:
+        assert scored == list(range(length))  # every step scored once

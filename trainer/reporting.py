@@ -1,0 +1,48 @@
+"""Run folders on disk: a callback that writes a run's metrics, checkpoints and summary
+under one folder, and the lookup of the folder's latest checkpoint to resume from.
+
+A library for anything that trains into a folder (`unroll train`, the data-parallel
+workers); it does no argument parsing and prints nothing.
+
+    DIR/metrics.jsonl          one JSON object per update and per evaluation
+    DIR/checkpoints/step-N.pt  checkpoints (N zero-padded, so names sort by step)
+    DIR/summary.json           the run's summary, written at the end
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from trainer import checkpoint as ckpt
+from trainer.loop import Callback, Summary
+
+CHECKPOINT_GLOB = "step-*.pt"
+
+
+class FileReporter(Callback):
+    """Writes metrics.jsonl and checkpoints under the output folder."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self._metrics = (out / "metrics.jsonl").open("a", buffering=1 << 16)
+
+    def _write(self, step: int, metrics: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    on_update = on_eval = _write
+
+    def on_checkpoint(self, step: int, checkpoint: dict[str, Any]) -> None:
+        self._metrics.flush()
+        ckpt.save(self.out / "checkpoints" / f"step-{step:08d}.pt", checkpoint)
+
+    def on_end(self, summary: Summary) -> None:
+        self._metrics.close()
+        (self.out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted((folder / "checkpoints").glob(CHECKPOINT_GLOB))
+    return found[-1] if found else None
