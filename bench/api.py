@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-POSTGRES_ADMIN_URL = os.environ.get("UNROLL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+from tests.processes import create_postgres_database, drop_postgres_database, free_port  # noqa: E402
+
 REDIS_URL = os.environ.get("UNROLL_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 JOB = {
@@ -74,10 +74,6 @@ async def submit(request: Request):
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # Latencies by the performance counter: uvloop's loop.time() moves in whole milliseconds.
@@ -240,7 +236,6 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "api.json")
     args = parser.parse_args()
 
-    import psycopg
     import sqlalchemy as sa
 
     try:
@@ -250,10 +245,7 @@ def main() -> int:
     except ImportError:
         pass
 
-    name = f"unroll_bench_api_{secrets.token_hex(4)}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    db_url = sa.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    db_url = create_postgres_database("unroll_bench_api")
     prefix = f"unroll-bench-{secrets.token_hex(4)}"
     workdir = Path(tempfile.mkdtemp(prefix="unroll-bench-api-"))
     processes: list[subprocess.Popen] = []
@@ -329,8 +321,7 @@ def main() -> int:
                 client.delete(*keys)
         except Exception:
             pass
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_postgres_database(db_url)
 
     def median(target: str, mode: str, key: str) -> float:
         return statistics.median(r[key] for r in runs if r["target"] == target and r["mode"] == mode)

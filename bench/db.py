@@ -19,7 +19,6 @@ import json
 import math
 import os
 import platform
-import secrets
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,8 @@ from sqlalchemy.orm import Session
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tests.processes import create_postgres_database, drop_postgres_database  # noqa: E402
 
 from service.store.db import repo, states  # noqa: E402
 from service.store.db.migrate import upgrade  # noqa: E402
@@ -122,20 +123,15 @@ def main() -> None:
     results = []
     import psycopg
 
-    db_name = f"unroll_bench_{secrets.token_hex(4)}"
     try:
-        admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3)
+        url = create_postgres_database("unroll_bench", ADMIN_URL)
     except psycopg.Error as exc:
         print(f"PostgreSQL unavailable ({exc}); SQLite only", file=sys.stderr)
-        admin = None
-    if admin is not None:
-        admin.execute(f'CREATE DATABASE "{db_name}"')
+    else:
         try:
-            url = sa.make_url(ADMIN_URL).set(database=db_name).render_as_string(hide_password=False)
             results.append(run_backend("postgresql", url, args))
         finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-            admin.close()
+            drop_postgres_database(url, ADMIN_URL)
     with tempfile.TemporaryDirectory() as tmp:
         results.append(run_backend("sqlite", f"sqlite:///{tmp}/bench.db", args))
 

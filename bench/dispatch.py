@@ -17,7 +17,6 @@ import os
 import platform
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,14 +29,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.processes import create_postgres_database, drop_postgres_database, free_port, ray_head  # noqa: E402
+
 import psycopg  # noqa: E402
-import sqlalchemy as sa  # noqa: E402
 
 from service.cli.client import Client  # noqa: E402
 from service.store.db.migrate import upgrade  # noqa: E402
 from service.cli.up import ray_token_env  # noqa: E402
 
-POSTGRES_ADMIN_URL = os.environ.get("UNROLL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 RUN_TAG = f"bench-{secrets.token_hex(3)}"
 TINY = {
     "name": "tiny",
@@ -52,10 +51,6 @@ TINY = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float = 120) -> None:
@@ -85,13 +80,11 @@ class Stack:
     def __init__(self, work: Path):
         self.work = work
         self.procs: list[subprocess.Popen] = []
-        self.db_name = f"unroll_bench_{secrets.token_hex(4)}"
+        self.postgres = True
         try:
-            with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
-                conn.execute(f'CREATE DATABASE "{self.db_name}"')
-            self.database_url = sa.make_url(POSTGRES_ADMIN_URL).set(database=self.db_name).render_as_string(hide_password=False)
+            self.database_url = create_postgres_database("unroll_bench")
         except psycopg.Error:
-            self.db_name = None
+            self.postgres = False
             self.database_url = f"sqlite:///{work / 'unroll.db'}"
         upgrade(self.database_url)
         self.ray_port, self.dash_port, self.api_port = free_port(), free_port(), free_port()
@@ -115,9 +108,8 @@ class Stack:
 
     def up(self) -> tuple[str, str]:
         py = sys.executable
-        self.start(py, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={self.ray_port}", "--num-cpus=2",
-                   "--include-dashboard=true", f"--dashboard-port={self.dash_port}", "--disable-usage-stats",
-                   f"--temp-dir=/tmp/ray-bench-{secrets.token_hex(2)}", name="ray")
+        command, _ = ray_head(self.ray_port, f"/tmp/ray-bench-{secrets.token_hex(2)}", dashboard_port=self.dash_port)
+        self.start(*command, name="ray")
         wait_http(f"http://127.0.0.1:{self.dash_port}/api/version", timeout=180)
         token = subprocess.run([py, "-m", "service.cli", "token", "create", "--project", "bench"], cwd=ROOT, env=self.env,
                                capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
@@ -135,9 +127,8 @@ class Stack:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-        if self.db_name:
-            with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+        if self.postgres:
+            drop_postgres_database(self.database_url)
 
 
 def wait_done(client: Client, job_ids: list[str], timeout: float = 600) -> list[dict]:

@@ -32,7 +32,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from tests.processes import free_port
+from tests.processes import create_postgres_database, drop_postgres_database, free_port
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -177,28 +177,20 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 # --- a database for the end-to-end suites ---------------------------------------------------
 
-POSTGRES_ADMIN_URL = os.environ.get("UNROLL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
 @pytest.fixture(scope="module")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A migrated throwaway PostgreSQL database (production's), or SQLite without a server."""
     import psycopg
-    import sqlalchemy as sa
 
     from service.store.db.migrate import upgrade
 
-    name = f"unroll_test_{secrets.token_hex(5)}"
     try:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+        url = create_postgres_database()
     except psycopg.Error:
         url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'unroll.db'}"
         upgrade(url)
         yield url
         return
-    url = sa.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     upgrade(url)
     yield url
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    drop_postgres_database(url)

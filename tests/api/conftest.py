@@ -12,8 +12,6 @@ and data root in the test's temporary directory.
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -30,8 +28,8 @@ from service.store.db.migrate import upgrade
 from service.store.db.session import make_engine
 from service.store.settings import Settings, get_settings
 from tests.api.helpers import ADMIN_TOKEN, LiveServer
+from tests.processes import POSTGRES_ADMIN_URL, create_postgres_database, drop_postgres_database
 
-POSTGRES_ADMIN_URL = os.environ.get("UNROLL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 # --- databases ------------------------------------------------------------------------------
@@ -47,17 +45,12 @@ def sqlite_api_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def postgresql_api_url() -> Iterator[str]:
     try:
-        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
+        url = create_postgres_database("unroll_api_test")
     except psycopg.Error as exc:
         pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}: {exc}".splitlines()[0])
-    name = f"unroll_api_test_{secrets.token_hex(6)}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = sa.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     upgrade(url)
     yield url
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    drop_postgres_database(url)
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])

@@ -60,10 +60,40 @@ async def test_late_subscriber_gets_state_then_live_events(live_server, make_tok
             with pytest.raises(EOFError):  # the stream ends with the job
                 await asyncio.wait_for(_next_event(lines), 10)
 
-        # a finished job's stream is its state, then the end
+        # a late subscriber gets the state the database holds: still running, so the
+        # stream stays open (no end within 1 s) ...
         async with http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
             lines = response.aiter_lines()
             assert (await asyncio.wait_for(_next_event(lines), 10))["state"] == "running"  # the db still says so
+            pending = asyncio.ensure_future(_next_event(lines))
+            done, _ = await asyncio.wait({pending}, timeout=1)
+            assert not done, pending.result() if done else None
+            # ... until the attempt really finishes: the database first, then its event (the
+            # order workers/attempt.py uses), which is the stream's last.
+            assert states.finish(db, job_id, 1, "succeeded")
+            db.commit()
+            await events.publish(redis_client, job_id, {"type": "state", "state": "succeeded", "attempt": 1}, prefix=settings.redis_prefix)
+            last = await asyncio.wait_for(pending, 10)
+            assert last["event"] == "state" and last["state"] == "succeeded" and last["job_id"] == job_id
+            with pytest.raises(EOFError):  # the response body completes
+                await asyncio.wait_for(_next_event(lines), 10)
+
+        # a finished job's stream is its state, then the end: the whole body arrives (nothing
+        # is published now, so a stream left open would hang; the timeout fails it instead)
+        async with http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+            assert response.status_code == 200
+            body = (await asyncio.wait_for(response.aread(), 5)).decode()
+
+        async def replay():
+            for line in body.split("\n"):
+                yield line
+
+        chunks = replay()
+        only = await _next_event(chunks)
+        assert only["event"] == "state" and only["snapshot"] is True
+        assert only["state"] == "succeeded" and only["progress"] == 1.0 and only["attempt"] == 1
+        with pytest.raises(EOFError):  # and nothing after it
+            await _next_event(chunks)
 
 
 async def test_client_events_iterator(live_server, make_token, settings, redis_client):

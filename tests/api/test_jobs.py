@@ -42,23 +42,51 @@ async def test_submit_commits_then_enqueues(client, make_token, settings, redis_
     assert detail["id"] == body["id"] and detail["metrics"] == {} and detail["attempts"] == []
 
 
-async def test_submit_survives_a_queue_failure(client, app, make_token, db):
+async def test_submit_survives_a_queue_failure(client, app, make_token, db, settings, redis_client, monkeypatch, caplog):
     """The row is the job: Redis down after the commit still answers 201 (the reconciler
     re-enqueues it later)."""
+    import logging
+
+    import redis.asyncio as aioredis
+
+    from tests.processes import free_port
+    from workers.dispatcher import Dispatcher
+
     token = make_token()
-
-    async def broken(*args, **kwargs):
-        raise ConnectionError("redis is down")
-
-    import redis.exceptions
-
-    async def redis_down(*args, **kwargs):
-        raise redis.exceptions.ConnectionError("redis is down")
-
-    app.state.runtime.queue.enqueue = redis_down
-    r = await submit(client, token)
-    assert r.status_code == 201
-    assert repo.get_job(db, r.json()["id"]).state == JobState.QUEUED
+    runtime = app.state.runtime
+    keys = Keys(settings.redis_prefix)
+    # A submission's queue write (Runtime.enqueue_after_commit -> runtime.enqueues, a
+    # Batcher over the bound runtime.queue.enqueue_many -> the queue's Lua script) runs on
+    # runtime.redis: swapping that client's connection pool for one on a port where nothing
+    # listens fails that very write with a real redis ConnectionError, whichever method
+    # the route calls (patching a method would miss one bound before the patch).
+    dead = aioredis.ConnectionPool.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    monkeypatch.setattr(runtime.redis, "connection_pool", dead)
+    api_log = logging.getLogger("unroll.api")  # "unroll" does not propagate to caplog's root
+    api_log.addHandler(caplog.handler)
+    try:
+        r = await submit(client, token)
+    finally:
+        api_log.removeHandler(caplog.handler)
+    monkeypatch.undo()  # Redis is back
+    await dead.disconnect()
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["state"] == "queued" and body["attempt"] == 0
+    assert repo.get_job(db, body["id"]).state == JobState.QUEUED
+    # The queue write really failed (and was only logged): the queue lacks the job.
+    assert any("failed after commit" in rec.getMessage() for rec in caplog.records), caplog.text
+    assert not await redis_client.hexists(keys.queue_members, body["id"])
+    r = await client.get(f"/v1/jobs/{body['id']}", headers=auth(token))
+    assert r.status_code == 200 and r.json()["state"] == "queued"
+    # The reconciler (the dispatcher's, no Ray needed) puts the committed job in the queue.
+    dispatcher = Dispatcher(settings, name="reconciler-test")
+    try:
+        assert await dispatcher.reconcile() == 1
+    finally:
+        await dispatcher.redis.aclose()
+        dispatcher.sessions.kw["bind"].dispose()
+    assert await redis_client.hexists(keys.queue_members, body["id"])
 
 
 async def test_idempotency_key_returns_the_same_job(client, make_token):

@@ -5,8 +5,6 @@ cases are skipped, never failed."""
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Iterator
 
 import psycopg
@@ -18,18 +16,12 @@ from service.store.db.base import Base
 from service.store.db.migrate import upgrade
 from service.store.db.session import make_engine
 from service.store.settings import get_settings
-
-POSTGRES_ADMIN_URL = os.environ.get("UNROLL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def _admin() -> psycopg.Connection:
-    return psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
-
+from tests.processes import POSTGRES_ADMIN_URL, create_postgres_database, drop_postgres_database
 
 @pytest.fixture(scope="session")
 def postgres_server() -> str:
     try:
-        with _admin():
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3):
             pass
     except psycopg.Error as exc:
         pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}: {exc}".splitlines()[0])
@@ -41,19 +33,16 @@ class PostgresDatabases:
 
     def __init__(self, admin_url: str) -> None:
         self.admin_url = admin_url
-        self.names: list[str] = []
+        self.urls: list[str] = []
 
     def create(self) -> str:
-        name = f"unroll_test_{secrets.token_hex(6)}"
-        with _admin() as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        self.names.append(name)
-        return sa.make_url(self.admin_url).set(database=name).render_as_string(hide_password=False)
+        url = create_postgres_database(admin_url=self.admin_url)
+        self.urls.append(url)
+        return url
 
     def drop_all(self) -> None:
-        with _admin() as conn:
-            for name in self.names:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for url in self.urls:
+            drop_postgres_database(url, self.admin_url)
 
 
 @pytest.fixture(scope="session")

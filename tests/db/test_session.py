@@ -3,7 +3,6 @@ and losing the database surfacing as DatabaseUnavailable."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,13 @@ from service.store.db.errors import DatabaseUnavailable
 from service.store.db.models import JobState
 from service.store.db.session import async_url, make_async_engine, make_engine, session_scope, sync_url
 
+from tests.processes import free_port
+
 from .conftest import make_job
 
 
 def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens once the socket is closed
+    return free_port()  # nothing listens once the socket is closed
 
 
 @pytest.mark.parametrize(

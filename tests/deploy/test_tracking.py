@@ -7,14 +7,14 @@ the client API, so its SQLite store or a tracking server behave the same."""
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, parse_config
 from trainer.loop import Callback
+from tests.processes import free_port
 from workers import tracking
 
 JOB = "job_tracking_test"
@@ -88,13 +88,13 @@ def test_mlflow_one_run_per_job_across_attempts(mlflow_uri: str):
     # Attempt 1 is lost at step 10 (an infrastructure failure): its run stays open.
     saved = Checkpoints()
     with pytest.raises(RuntimeError):
-        tracking.fit(JOB, 1, config(), [saved, FailAt(10, RuntimeError("node lost"))])
+        tracking.fit(JOB, 1, parse_config(config()), [saved, FailAt(10, RuntimeError("node lost"))])
     assert sorted(saved.saved) == [8]
     client, run = the_run(mlflow_uri, JOB)
     assert run.info.status == "RUNNING"
 
     # Attempt 2 resumes from the checkpoint and finishes the same run.
-    summary = tracking.fit(JOB, 2, config(), [], resume=saved.saved[8])
+    summary = tracking.fit(JOB, 2, parse_config(config()), [], resume=saved.saved[8])
     assert summary.steps == 12
     client, run = the_run(mlflow_uri, JOB)
     assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
@@ -110,22 +110,20 @@ def test_mlflow_one_run_per_job_across_attempts(mlflow_uri: str):
 @pytest.mark.slow
 def test_mlflow_run_ends_failed_on_a_job_error_and_killed_on_cancel(mlflow_uri: str):
     with pytest.raises(ConfigError):
-        tracking.fit("job_fails", 1, config(), [FailAt(3, ConfigError([("train.max_steps", "boom")]))])
+        tracking.fit("job_fails", 1, parse_config(config()), [FailAt(3, ConfigError([("train.max_steps", "boom")]))])
     assert the_run(mlflow_uri, "job_fails")[1].info.status == "FAILED"
 
     class Cancel(Callback):
         def should_stop(self):
             return True
 
-    assert tracking.fit("job_cancelled", 1, config(), [Cancel()]).stopped == "cancelled"
+    assert tracking.fit("job_cancelled", 1, parse_config(config()), [Cancel()]).stopped == "cancelled"
     assert the_run(mlflow_uri, "job_cancelled")[1].info.status == "KILLED"
 
 
 def test_a_tracking_server_that_is_down_costs_the_job_nothing(monkeypatch: pytest.MonkeyPatch):
     pytest.importorskip("mlflow", reason="mlflow (or mlflow-skinny) is not installed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # nothing listens here
+    port = free_port()  # nothing listens here
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
@@ -159,7 +157,7 @@ def test_tensorboard_event_files_per_job(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("UNROLL_TENSORBOARD_DIR", str(tmp_path / "tb"))
-    tracking.fit("job_tb", 1, config(12), [])
+    tracking.fit("job_tb", 1, parse_config(config(12)), [])
     events = EventAccumulator(str(tmp_path / "tb" / "job_tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))

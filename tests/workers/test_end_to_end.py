@@ -3,7 +3,11 @@ database. Workers are separate processes, killed with SIGKILL where the test say
 
 from __future__ import annotations
 
+import collections
+import json
+import re
 import signal
+import socket
 import time
 
 import redis
@@ -111,8 +115,9 @@ def test_a_flushed_redis_loses_no_job(private_redis, stack):
 
 
 def test_two_dispatchers_never_run_the_same_attempt(stack):
-    stack.start_worker()
-    stack.start_worker()
+    procs = [stack.start_worker(), stack.start_worker()]
+    # A dispatcher's name is host:pid of its `unroll worker` process (workers.dispatcher).
+    names = {f"{socket.gethostname()}:{proc.pid}": i for i, proc in enumerate(procs)}
     ids = [stack.submit(tiny_config(20, train={"seed": i, "eval_every": 0, "checkpoint_every": 0})) for i in range(8)]
     workers = set()
     for job_id in ids:
@@ -121,7 +126,25 @@ def test_two_dispatchers_never_run_the_same_attempt(stack):
         attempts = _attempts(stack, job_id)
         assert job.attempt == 1 and len(attempts) == 1
         workers.add(attempts[0].worker)
-    assert len(workers) >= 1
+        # Claimed once, by one of the two dispatchers, and ended by that attempt.
+        assert attempts[0].number == 1 and attempts[0].worker in names, (attempts[0].worker, names)
+        assert attempts[0].outcome is not None and attempts[0].outcome.value == "succeeded"
+        # The trainer ran once for it: one start of the attempt in the job's log (each run
+        # logs "attempt N on WORKER: ..." when it starts), and every step reported once.
+        with stack.sessions.begin() as session:
+            lines = [entry.line for entry in repo.read_logs(session, job_id)]
+        runs = [line for line in lines if line.startswith("attempt ")]
+        assert len(runs) == 1 and runs[0].startswith(f"attempt 1 on {attempts[0].worker}:"), runs
+        assert [step for step, _ in sorted(stack.losses(job_id).items())] == list(range(1, 21))
+    assert workers <= set(names)
+    # Each dispatcher's own log: every job was started (a Ray task submitted) exactly once
+    # in all, by the dispatcher that holds its attempt; none by the other.
+    started = _started(stack)
+    for job_id in ids:
+        (worker,) = {a.worker for a in _attempts(stack, job_id)}
+        assert started[job_id] == [(names[worker], 1)], (job_id, started[job_id], stack.worker_logs())
+    # Which dispatcher takes which job is a race (the one whose task just ended sees the
+    # free CPU first), so "both did work" is not asserted: it would be flaky.
 
 
 def test_bad_config_and_diverging_run_fail_with_their_reasons(stack):
@@ -152,3 +175,17 @@ def test_a_job_no_node_can_hold_stays_queued_and_says_why(stack):
 def _attempts(stack, job_id):
     with stack.sessions.begin() as session:
         return states.list_attempts(session, job_id)
+
+
+def _started(stack) -> dict[str, list[tuple[int, int]]]:
+    """Job id -> (worker index, attempt) of each "job ... attempt N started" line in the
+    dispatchers' JSON logs (workers.dispatcher.Dispatcher.place)."""
+    started: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
+    for index, path in enumerate(stack.logs):
+        for line in path.read_text().splitlines():
+            if not line.startswith("{"):
+                continue  # Ray's own output
+            entry = json.loads(line)
+            if "job_id" in entry and re.fullmatch(r"job \S+ attempt \d+ started \(.*\)", entry.get("message", "")):
+                started[entry["job_id"]].append((index, entry["attempt"]))
+    return started
