@@ -31,7 +31,7 @@ $(DASHBOARD): $(NODE_MODULES) frontend/tsconfig.json $(shell find frontend/src -
 
 dashboard: $(DASHBOARD)
 
-# Debian's Chromium for tests/dashboard (which skip, saying so, without it). Never `playwright install`.
+# Debian's Chromium for tests/api/dashboard (which skip, saying so, without it). Never `playwright install`.
 browser:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 

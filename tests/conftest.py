@@ -1,5 +1,9 @@
-"""Shared Redis fixtures (only these: other fixtures live in each package's conftest), and
-the Ray token of the test session.
+"""The fixtures every test package shares: databases, Redis, and the Ray token of the
+test session (the rest live in each package's conftest).
+
+- ``db_url`` (session, parametrised sqlite/postgresql): a migrated database of each kind,
+  wiped per test through ``session``; ``engine``; ``empty_db_url`` for migration tests;
+  ``postgres_databases`` makes more throwaway ones. The store and the API tests share them.
 
 - ``database_url`` (module): a migrated throwaway PostgreSQL database on the local server
   (``UNROLL_TEST_POSTGRES_URL``), dropped after the module; SQLite when no server answers.
@@ -28,11 +32,17 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 import redis.asyncio as aioredis
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
-from tests.processes import create_postgres_database, drop_postgres_database, free_port
+from service.store.db.base import Base
+from service.store.db.migrate import upgrade
+from service.store.db.session import make_engine
+from tests.processes import POSTGRES_ADMIN_URL, create_postgres_database, drop_postgres_database, free_port
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -180,10 +190,6 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture(scope="module")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A migrated throwaway PostgreSQL database (production's), or SQLite without a server."""
-    import psycopg
-
-    from service.store.db.migrate import upgrade
-
     try:
         url = create_postgres_database()
     except psycopg.Error:
@@ -194,3 +200,96 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     upgrade(url)
     yield url
     drop_postgres_database(url)
+
+
+# --- databases for the store and API tests ----------------------------------------------------
+# A temporary SQLite file and a throwaway PostgreSQL database (created through the server's
+# `postgres` database, dropped at the end). Tests parametrised over `db_url` run on both;
+# without a PostgreSQL server the postgresql cases are skipped, never failed.
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    try:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3):
+            pass
+    except psycopg.Error as exc:
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}: {exc}".splitlines()[0])
+    return POSTGRES_ADMIN_URL
+
+
+class PostgresDatabases:
+    """Creates throwaway databases and drops every one it created."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+        self.urls: list[str] = []
+
+    def create(self) -> str:
+        url = create_postgres_database(admin_url=self.admin_url)
+        self.urls.append(url)
+        return url
+
+    def drop_all(self) -> None:
+        for url in self.urls:
+            drop_postgres_database(url, self.admin_url)
+
+
+@pytest.fixture(scope="session")
+def postgres_databases(postgres_server: str) -> Iterator[PostgresDatabases]:
+    databases = PostgresDatabases(postgres_server)
+    yield databases
+    databases.drop_all()
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'unroll.db'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def postgresql_url(postgres_databases: PostgresDatabases) -> str:
+    url = postgres_databases.create()
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """A migrated database of each kind, shared by the session (wiped per test)."""
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def empty_db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A database of each kind with no schema, for migration tests (one per test module)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('empty') / 'empty.db'}"
+    return request.getfixturevalue("postgres_databases").create()
+
+
+@pytest.fixture(scope="session")
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+def wipe(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+            conn.execute(sa.text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+        else:
+            for table in reversed(Base.metadata.sorted_tables):
+                conn.execute(table.delete())
+
+
+@pytest.fixture
+def session(engine: sa.Engine) -> Iterator[Session]:
+    """A session on a wiped database. Tests commit as they need."""
+    wipe(engine)
+    with Session(engine, expire_on_commit=False) as session:
+        yield session

@@ -290,7 +290,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ConfigError([("", f"{path}: not valid YAML/JSON: {exc}")]) from None
+        raise ConfigError([("", f"cannot read {path}: not valid YAML/JSON: {exc}")]) from None
     if not isinstance(raw, dict):
         raise ConfigError([("", f"{path}: the config must be a mapping")])
     return raw

@@ -77,7 +77,7 @@ export class Chart {
   constructor(private options: ChartOptions) {
     this.canvas = h("div", { class: "chart-canvas" });
     this.note = h("p", { class: "chart-note" });
-    this.element = h("figure", { class: "chart", "data-chart": options.id, "data-points": 0 },
+    this.element = h("figure", { class: "chart", "data-chart": options.id, "data-points": 0, "data-last-step": 0 },
       h("figcaption", {}, options.title), this.canvas, this.note);
     this.observer = new ResizeObserver(() => this.resize());
     this.observer.observe(this.canvas);
@@ -140,11 +140,24 @@ export class Chart {
     cancelAnimationFrame(this.frame);
     this.frame = requestAnimationFrame(() => this.render());
     // The exposed data must not wait for a frame (a hidden tab gets none).
+    this.expose();
+  }
+
+  /** What tests and tools read off the figure: how many points it holds (which a full,
+   *  downsampled re-read can lower) and the latest step it shows (which only grows). */
+  private expose(): void {
     this.element.dataset.points = String(this.count());
+    this.element.dataset.lastStep = String(this.lastStep());
   }
 
   private count(): number {
     return this.options.series.reduce((n, s) => n + this.get(s.name).length, 0);
+  }
+
+  private lastStep(): number {
+    let last = 0;
+    for (const s of this.options.series) for (const [x] of this.get(s.name)) last = Math.max(last, x);
+    return last;
   }
 
   /** [xs, ys...]: the union of all steps; a series without a point at a step holds
@@ -193,7 +206,7 @@ export class Chart {
   }
 
   private render(): void {
-    this.element.dataset.points = String(this.count());
+    this.expose();
     const total = this.count();
     const nonfinite = this.options.series.reduce((n, s) => n + this.get(s.name).filter(([, y]) => y === null).length, 0);
     const notes: string[] = [];

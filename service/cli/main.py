@@ -22,14 +22,7 @@ import sys
 import time
 
 from service.cli import sweep, up
-from service.cli.common import (
-    TERMINAL,
-    UsageError,
-    add_client_args,
-    fail,
-    open_client,
-    read_config,
-)
+from service.cli.common import TERMINAL, UsageError, add_client_args, fail, open_client, read_config
 
 
 def _db(subparsers) -> None:

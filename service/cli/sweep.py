@@ -21,14 +21,7 @@ import sys
 import time
 from typing import Any
 
-from service.cli.common import (
-    TERMINAL,
-    UsageError,
-    add_client_args,
-    fail,
-    open_client,
-    read_config,
-)
+from service.cli.common import TERMINAL, UsageError, add_client_args, fail, open_client, read_config
 from service.store import sweeps
 
 

@@ -16,70 +16,24 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.api.app import create_app
 from service.store.db import repo
-from service.store.db.base import Base
-from service.store.db.migrate import upgrade
-from service.store.db.session import make_engine
 from service.store.settings import Settings, get_settings
 from tests.api.helpers import ADMIN_TOKEN, LiveServer
-from tests.processes import POSTGRES_ADMIN_URL, create_postgres_database, drop_postgres_database
 
 
 
 # --- databases ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def sqlite_api_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    url = f"sqlite:///{tmp_path_factory.mktemp('api-sqlite') / 'unroll.db'}"
-    upgrade(url)
-    return url
-
-
-@pytest.fixture(scope="session")
-def postgresql_api_url() -> Iterator[str]:
-    try:
-        url = create_postgres_database("unroll_api_test")
-    except psycopg.Error as exc:
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}: {exc}".splitlines()[0])
-    upgrade(url)
-    yield url
-    drop_postgres_database(url)
-
-
-@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
-def api_db_url(request: pytest.FixtureRequest) -> str:
-    return request.getfixturevalue(f"{request.param}_api_url")
-
-
-@pytest.fixture(scope="session")
-def sync_engine(api_db_url: str) -> Iterator[sa.Engine]:
-    engine = make_engine(api_db_url)
-    yield engine
-    engine.dispose()
-
-
-def wipe(engine: sa.Engine) -> None:
-    with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            conn.execute(sa.text(f"TRUNCATE {', '.join(t.name for t in Base.metadata.sorted_tables)} RESTART IDENTITY CASCADE"))
-        else:
-            for table in reversed(Base.metadata.sorted_tables):
-                conn.execute(table.delete())
-
-
 @pytest.fixture
-def db(sync_engine: sa.Engine) -> Iterator[Session]:
-    """A sync session on the wiped database, to arrange state (commit what you add)."""
-    wipe(sync_engine)
-    with Session(sync_engine, expire_on_commit=False) as session:
-        yield session
+def db(session: Session) -> Session:
+    """A sync session on the wiped database (tests/conftest.py's `session`), to arrange
+    state: commit what you add."""
+    return session
 
 
 @pytest.fixture
@@ -104,10 +58,10 @@ def data_root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def settings(api_db_url: str, redis_url: str, redis_prefix: str, tmp_path: Path, data_root: Path, db: Session) -> Settings:
+def settings(db_url: str, redis_url: str, redis_prefix: str, tmp_path: Path, data_root: Path, db: Session) -> Settings:
     get_settings.cache_clear()
     return Settings(
-        database_url=api_db_url,
+        database_url=db_url,
         redis_url=redis_url,
         redis_prefix=redis_prefix,
         artifacts=str(tmp_path / "artifacts"),

@@ -19,12 +19,7 @@ CLASSES = Task(vocab=VOCAB, features=None, classes=VOCAB, metric="accuracy")
 VALUES = Task(vocab=None, features=FEATURES, classes=None, metric="mse")
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # tests/trainer/conftest.py
 
 
 def make_streams(task: Task, length: int, batch: int, doc_prob: float, seed: int = 0) -> Streams:

@@ -24,12 +24,7 @@ from trainer.tbptt import detach, plan_update
 VOCAB, LR = 5, 0.5
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # tests/trainer/conftest.py
 
 
 def make_streams(length: int, batch: int, seed: int = 0, doc_prob: float = 0.0) -> Streams:

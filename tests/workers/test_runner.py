@@ -11,7 +11,8 @@ import sqlalchemy as sa
 
 from service.store.db import repo, states
 from service.store.db.models import Checkpoint, JobLog, JobState, Metric
-from workers.runner import AttemptSpec, run_attempt
+from workers.attempt import AttemptSpec
+from workers.runner import run_attempt
 
 CONFIG = {
     "model": {"hidden_size": 16},

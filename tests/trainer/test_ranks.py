@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed.ranks import run_group, run_single
+from tests.trainer.ranks import run_group, run_single
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, parse_config
 

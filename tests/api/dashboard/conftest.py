@@ -30,7 +30,7 @@ from service.store.db import repo
 from service.store.db.session import make_engine
 from tests.processes import free_port, listening, ray_head
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CHROMIUM = Path(os.environ.get("UNROLL_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SCREENSHOTS = ROOT / "test-output" / "screenshots"

@@ -14,7 +14,7 @@ from service.cli.client import Client
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 
 @pytest.mark.timeout(600)
@@ -23,14 +23,14 @@ def test_recall_truncation_sweep_shows_the_learnability_threshold(service, tmp_p
     k = 16 (twice the lag) learns the task. One seed, 600 updates per point (k = 16
     passes 0.95 after ~500 on its own)."""
     config = yaml.safe_load((EXAMPLES / "recall-truncation.yaml").read_text())
-    config["tbptt"]["k2"] = 24  # dropped by the CLI: k2 follows the swept k1
+    config["tbptt"]["k2"] = 24  # not used: k2 follows the swept k1 (service/store/sweeps.py)
     config["train"].update(max_steps=600, eval_every=200, checkpoint_every=300)
     config["data"]["valid_length"] = 512
     path = tmp_path / "recall.yaml"
     path.write_text(yaml.safe_dump(config))
 
     started = time.monotonic()
-    result = service.cli.main("sweep", str(path), "--grid", "tbptt.k1=16,4", "--max-parallel", "2", "--wait", "--interval", "1", timeout=540)
+    result = service.cli("sweep", str(path), "--grid", "tbptt.k1=16,4", "--max-parallel", "2", "--wait", "--interval", "1", timeout=540)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{service.tails()}"
     assert "k2 follows" in result.stderr
     sweep_id = result.stdout.splitlines()[0]

@@ -42,8 +42,8 @@ def test_a_bad_grid_is_one_error_line(tmp_path: Path, capsys):
 
 @pytest.mark.parametrize("command", [["submit"], ["sweep", "--grid", "tbptt.k1"]])
 def test_as_a_module_too(tmp_path: Path, command):
-    # `python -m service.cli` loads the file twice (as __main__ and as service.cli.main): the
-    # error raised in one must still be caught by the other
+    # `python -m service.cli` (service/cli/__main__.py): a usage error raised by a subcommand's
+    # module is the one main catches, an error line and exit 2, never a traceback
     path = tmp_path / "list.yaml"
     path.write_text("- 1\n")
     done = subprocess.run(

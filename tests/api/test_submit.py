@@ -15,7 +15,6 @@ from service.store.db.session import make_async_engine
 from service.api import submit
 from service.api.submit import JobInserts
 
-from .conftest import make_project
 
 
 @pytest.fixture
@@ -40,7 +39,7 @@ async def test_concurrent_submissions_each_get_their_row_and_keys_hold(
         return await real(engine, rows)
 
     monkeypatch.setattr(submit, "_insert_many", counted)
-    project = make_project(session)
+    project = repo.get_or_create_project(session, "demo")
     session.commit()
     rows = [values(project.id) for _ in range(60)] + [values(project.id, key=f"k{i % 5}") for i in range(40)]
     results = await asyncio.gather(*(inserts.insert(v) for v in rows))
@@ -59,7 +58,7 @@ async def test_concurrent_submissions_each_get_their_row_and_keys_hold(
 
 
 async def test_a_row_that_fails_fails_only_its_request(inserts: JobInserts, session: Session, db_url: str) -> None:
-    project = make_project(session)
+    project = repo.get_or_create_project(session, "demo")
     session.commit()
     good = [values(project.id) for _ in range(20)]
     bad = values("prj_does_not_exist")  # a foreign key the database refuses

@@ -1,5 +1,5 @@
-"""service.store.sweeps (the table's arithmetic and renderings) and the pieces of `unroll sweep`
-that need no server: grid parsing and k2 following k1."""
+"""service.store.sweeps, the domain of sweeps: expansion (the grid's product, seeds, k2
+following k1) and the summary table's arithmetic and renderings."""
 
 from __future__ import annotations
 
@@ -8,21 +8,7 @@ import io
 
 import pytest
 
-from service.cli.sweep import GridError, parse_grid
 from service.store.sweeps import InvalidGrid, JobOutcome, expand, grid_size, k2_follows_k1, render_table, sorted_rows, stat, summarize, task_metric, to_csv
-
-
-def test_parse_grid_reads_yaml_scalars():
-    grid = parse_grid(["tbptt.k1=8,16, 32", "model.cell=lstm,gru", "tbptt.randomize=true,false", "clip.max_norm=0.25,1e-3,inf"])
-    assert grid == {
-        "tbptt.k1": [8, 16, 32],
-        "model.cell": ["lstm", "gru"],
-        "tbptt.randomize": [True, False],
-        "clip.max_norm": [0.25, 0.001, "inf"],  # 1e-3 is a number (YAML 1.1 reads a string); inf is not JSON
-    }
-    for bad in (["tbptt.k1"], ["=1,2"], ["tbptt.k1="], ["tbptt.k1=1", "tbptt.k1=2"]):
-        with pytest.raises(GridError):
-            parse_grid(bad)
 
 
 def test_k2_follows_k1_unless_swept_too():

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.ranks import run_single
+from tests.trainer.ranks import run_single
 from trainer import checkpoint as ckpt
-from tests.distributed.sinks import DirSink, KillRank
+from tests.workers.sinks import DirSink, KillRank
 from trainer.config import JobConfig, parse_config
 from workers.ddp import group_is_placeable, train_group
 

@@ -25,7 +25,7 @@ from service.store.db.session import make_engine
 from sqlalchemy.orm import Session
 from tests.processes import free_port, listening, ray_head
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 UNROLL = [sys.executable, "-m", "service.cli"]
 
 
