@@ -10,8 +10,6 @@ which sees the Ray task fail, or to the lease, which expires.
 
 from __future__ import annotations
 
-import os
-import socket
 import tempfile
 import traceback
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.store.artifacts import ArtifactStore
 from service.store.db import repo, states
 from service.store.db.session import make_engine
+from service.store.keys import DEFAULT_PREFIX
 from service.store.lifecycle import JobState
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, JobConfig, parse_config
@@ -44,7 +43,7 @@ class AttemptSpec:
     redis_url: str
     artifacts: str
     lease_seconds: float
-    prefix: str = "unroll"
+    prefix: str = DEFAULT_PREFIX
 
 
 @lru_cache(maxsize=4)
@@ -153,7 +152,3 @@ def _finish(reporter: JobReporter, state: JobState, *, error: str | None = None,
         return "stale"
     attempt.publish({"type": "state", "state": state.value, "attempt": attempt.number, "error": error})
     return state.value
-
-
-def default_worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"

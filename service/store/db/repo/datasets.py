@@ -11,8 +11,6 @@ from service.store.db.models import (
 )
 from service.store.db.repo.common import get_owned
 
-# --- datasets -----------------------------------------------------------------------------
-
 
 def create_dataset(
     session: Session, *, project_id: str, name: str, sha256: str, bytes: int, uri: str

@@ -17,8 +17,6 @@ from service.store.db.models import (
     Project,
 )
 
-# --- projects and tokens ------------------------------------------------------------------
-
 
 def get_project(session: Session, project_id: str) -> Project:
     project = session.get(Project, project_id)

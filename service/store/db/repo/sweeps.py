@@ -16,8 +16,6 @@ from service.store.db.models import (
 )
 from service.store.db.repo.common import get_owned
 
-# --- sweeps -------------------------------------------------------------------------------
-
 
 def create_sweep(
     session: Session,
