@@ -119,7 +119,10 @@ def to_bytes(state: dict[str, Any]) -> bytes:
 
 
 def from_bytes(data: bytes) -> dict[str, Any]:
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    """A checkpoint read back. Tensors and plain types only (`weights_only`): a checkpoint
+    comes from the artifact store, and a pickle of anything else could run code on the
+    worker that resumes from it."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def save(path: str | Path, state: dict[str, Any]) -> int:

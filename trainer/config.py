@@ -7,15 +7,19 @@ Every section forbids unknown keys, and every error names its dotted field path
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No NaN or infinity in a config's numbers: a job is stored as JSON (PostgreSQL's JSONB
+    # refuses them). The one exception, clip.norm_type = inf (the max-norm), is stored as
+    # the string "Infinity", which reads back as the float.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -120,7 +124,7 @@ class TBPTTConfig(Section):
 class ClipConfig(Section):
     mode: Literal["none", "norm", "value", "agc", "autoclip"] = "norm"
     max_norm: float = Field(1.0, gt=0.0)
-    norm_type: float = Field(2.0, gt=0.0)
+    norm_type: float = Field(2.0, gt=0.0, allow_inf_nan=True)  # inf: the max-norm
     value: float | None = Field(None, gt=0.0)
     agc_factor: float = Field(0.01, gt=0.0)
     agc_eps: float = Field(1e-3, gt=0.0)
@@ -128,6 +132,10 @@ class ClipConfig(Section):
     history: int = Field(1000, ge=1)
     per_parameter: bool = False
     on_nonfinite: Literal["skip", "fail"] = "skip"
+
+    @field_serializer("norm_type", when_used="json")
+    def _norm_type_as_json(self, value: float) -> float | str:
+        return "Infinity" if math.isinf(value) else value
 
     @model_validator(mode="after")
     def _mode_fields(self) -> "ClipConfig":
@@ -203,6 +211,9 @@ class JobConfig(Section):
             raise _FieldError("model.tie_weights", "needs token inputs (recall or text)")
         if self.tbptt.reset_on == "document" and self.data.kind in ("recall", "timeseries"):
             raise _FieldError("tbptt.reset_on", f"data.kind {self.data.kind} has no documents")
+        if self.train.device == "cuda" and self.resources.gpus <= 0:
+            # Without a GPU reserved, the attempt would use one Ray gave another job.
+            raise _FieldError("train.device", "cuda needs resources.gpus > 0")
         if self.data.batch_size % self.resources.workers:
             # Data-parallel ranks take equal contiguous blocks of the streams.
             raise _FieldError("resources.workers", f"must divide data.batch_size ({self.data.batch_size})")

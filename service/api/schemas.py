@@ -7,10 +7,11 @@ trainer cannot disagree; OpenAPI documents it under the name ``JobConfig``.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.store.db.models import Attempt, Checkpoint, Dataset, Job, JobLog, JobState
 
@@ -175,6 +176,18 @@ def _base_is_a_job_config(schema: dict[str, Any]) -> None:
     schema["properties"]["base"] = {"$ref": "#/components/schemas/JobConfig", "description": "A job configuration (SPEC §2)"}
 
 
+def _nonfinite_at(value: Any, path: str) -> str | None:
+    """The path of the first NaN or infinity inside a JSON value, if any."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _nonfinite_at(item, f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]")
+        if found is not None:
+            return found
+    return None
+
+
 class SweepCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra=_base_is_a_job_config)
 
@@ -187,6 +200,16 @@ class SweepCreate(BaseModel):
     seeds: int = Field(1, ge=1, le=1000)
     # At most this many of the sweep's jobs run at once (null: no limit).
     max_parallel: int | None = Field(None, ge=1, le=1_000_000)
+
+    @field_validator("base", "grid")
+    @classmethod
+    def _finite(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # Stored as sent (PostgreSQL's JSONB refuses NaN and infinity), also where a grid
+        # point overrides the value, so every number must be finite here already.
+        found = _nonfinite_at(value, info.field_name)
+        if found is not None:
+            raise ValueError(f"{found}: must be a finite number")
+        return value
 
 
 class SweepJob(BaseModel):

@@ -1,0 +1,114 @@
+"""Findings of issue 14, one test each: every one of them failed on the code before its fix
+(c069bd3): the request was a 201 (or a 500), or the checkpoint ran its code."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.api.helpers import JOB, auth, job
+from trainer import checkpoint as ckpt
+from trainer.config import ConfigError, parse_config
+
+
+# --- non-finite numbers: a 422 naming the field, never a 500 (PostgreSQL's JSONB refuses them)
+
+
+@pytest.mark.parametrize(("path", "literal"), [
+    ("resources.gpus", "1e999"),
+    ("clip.max_norm", "1e999"),
+    ("optim.weight_decay", "-1e999"),
+    ("data.batch_size", "1e999"),
+])
+async def test_a_non_finite_number_in_a_job_is_a_422_naming_it(client, make_token, path, literal):
+    # 1e999 is valid JSON that reads as infinity. (NaN and Infinity are not JSON: the
+    # submission refuses them as such, a 400.)
+    body = json.dumps(job(**{path.replace(".", "__"): "HERE"})).replace('"HERE"', literal)
+    response = await client.post("/v1/jobs", content=body, headers={**auth(make_token()), "Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == path
+
+
+async def test_a_non_finite_number_in_a_sweep_is_a_422_even_where_the_grid_overrides_it(client, make_token):
+    token = make_token()
+    # The base's value is replaced at every point, so each job is valid; the base itself is
+    # stored as sent.
+    base = job(tbptt__k1=4, tbptt__k2="HERE")
+    body = json.dumps({"base": base, "grid": {"tbptt.k1": [4, 8], "tbptt.k2": [4, 8]}}).replace('"HERE"', "Infinity")
+    response = await client.post("/v1/sweeps", content=body, headers={**auth(token), "Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == "base" and "base.tbptt.k2" in response.json()["error"]["message"]
+    body = json.dumps({"base": JOB, "grid": {"clip.max_norm": [1.0]}}).replace("[1.0]", "[1.0, NaN]")
+    response = await client.post("/v1/sweeps", content=body, headers={**auth(token), "Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == "grid"
+    assert (await client.get("/v1/sweeps/nothing", headers=auth(token))).status_code == 404  # the API still answers
+
+
+# --- train.device: cuda without a reserved GPU ------------------------------------------
+
+
+def test_device_cuda_needs_a_gpu_reserved():
+    config = {**JOB, "train": {**JOB["train"], "device": "cuda"}}
+    with pytest.raises(ConfigError) as raised:
+        parse_config(config)
+    assert raised.value.first_field == "train.device"
+    parse_config({**config, "resources": {"gpus": 1}})  # with one reserved it is fine
+
+
+async def test_device_cuda_without_gpus_is_a_422(client, make_token):
+    response = await client.post("/v1/jobs", json=job(train__device="cuda"), headers=auth(make_token()))
+    assert response.status_code == 422 and response.json()["error"]["field"] == "train.device", response.text
+
+
+# --- checkpoints are data, never code ---------------------------------------------------
+
+
+class _RunsCode:
+    """What an attacker who can write the artifact store would put in a checkpoint."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_checkpoint_that_carries_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+    buffer = io.BytesIO()
+    torch.save({"format": ckpt.FORMAT, "model": {}, "payload": _RunsCode(str(marker))}, buffer)
+    with pytest.raises(pickle.UnpicklingError):
+        ckpt.from_bytes(buffer.getvalue())
+    assert not marker.exists()
+
+
+def test_a_real_checkpoint_still_loads(tmp_path):
+    from trainer.loop import Callback, fit
+
+    saved = {}
+
+    class Keep(Callback):
+        def on_checkpoint(self, step, state):
+            saved[step] = ckpt.to_bytes(state)
+
+    config = {**JOB, "train": {"max_steps": 4, "checkpoint_every": 2, "eval_every": 0, "device": "cpu"}}
+    fit(config, [Keep()])
+    state = ckpt.from_bytes(saved[4])
+    assert state["step"] == 4 and state["format"] == ckpt.FORMAT
+    resumed = fit({**config, "train": {**config["train"], "max_steps": 6}}, resume=ckpt.from_bytes(saved[2]))
+    assert resumed.steps == 6
+
+
+async def test_the_max_norm_the_one_infinite_value_is_stored_and_read_back(client, make_token):
+    token = make_token()
+    response = await client.post("/v1/jobs", json=job(clip={"mode": "norm", "norm_type": "inf"}), headers=auth(token))
+    assert response.status_code == 201, response.text
+    stored = (await client.get(f"/v1/jobs/{response.json()['id']}", headers=auth(token))).json()["config"]
+    assert stored["clip"]["norm_type"] == "Infinity"
+    assert parse_config(stored).clip.norm_type == float("inf")
