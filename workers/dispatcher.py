@@ -200,7 +200,7 @@ class Dispatcher:
                     continue
                 job_id = await self.queue.dequeue(self.name, lease_s=self.settings.lease_seconds, block_s=1.0)
                 if job_id is not None:
-                    await self.place(job_id)
+                    await self.place_or_fail(job_id)
             except asyncio.CancelledError:
                 raise
             except (DatabaseUnavailable, aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
@@ -221,6 +221,20 @@ class Dispatcher:
             await asyncio.sleep(MAINTENANCE_EVERY_S)
 
     # -- placing one job ------------------------------------------------------------------
+
+    async def place_or_fail(self, job_id: str) -> None:
+        """Place one job; if placing it raises (a job no code path foresaw: a stored config
+        this version refuses, resources no arithmetic can hold), the job fails with that
+        error and leaves the queue. Only an unreachable database or Redis pauses dispatch:
+        then the job is not at fault."""
+        try:
+            await self.place(job_id)
+        except (asyncio.CancelledError, DatabaseUnavailable, aioredis.ConnectionError, aioredis.TimeoutError, OSError):
+            raise
+        except Exception as exc:
+            log.exception("job %s cannot be placed; it fails", job_id)
+            await self.db(states.fail_unplaceable, job_id, f"could not be placed: {_short(exc)}")
+            await self.queue.ack(job_id, self.name)
 
     async def place(self, job_id: str) -> None:
         try:

@@ -71,3 +71,13 @@ async def get_admin(runtime: RuntimeDep, credentials: Credentials) -> None:
 
 
 AdminDep = Annotated[None, Depends(get_admin)]
+
+
+async def get_is_admin(runtime: RuntimeDep, credentials: Credentials) -> bool:
+    """Whether the caller presents the admin token (for routes open to all that tell the
+    admin more)."""
+    secret = _admin_secret(runtime)
+    return bool(secret and credentials is not None and auth.is_admin(credentials.credentials, secret))
+
+
+IsAdminDep = Annotated[bool, Depends(get_is_admin)]

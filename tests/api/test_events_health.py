@@ -13,7 +13,7 @@ from service.store import events
 from service.api.app import create_app
 from service.store.db import states
 from service.store.settings import Settings
-from tests.api.helpers import JOB, auth
+from tests.api.helpers import ADMIN_TOKEN, JOB, auth
 
 pytestmark = pytest.mark.redis
 
@@ -183,6 +183,8 @@ async def test_ready_with_a_dispatcher_heartbeat(client, redis_client, settings)
     keys = Keys(settings.redis_prefix)
     await redis_client.set(keys.dispatcher_heartbeat("d1"), json.dumps({"ray": "unreachable: boom"}), ex=10)
     ready = await client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["ray"] == "unreachable"  # why: for the admin
+    ready = await client.get("/readyz", headers=auth(ADMIN_TOKEN))
     assert ready.status_code == 503 and ready.json()["checks"]["ray"] == "unreachable: boom"
     await redis_client.set(keys.dispatcher_heartbeat("d2"), json.dumps({"ray": "ok"}), ex=10)
     ready = await client.get("/readyz")

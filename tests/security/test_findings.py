@@ -8,6 +8,7 @@ import json
 import pickle
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -112,3 +113,21 @@ async def test_the_max_norm_the_one_infinite_value_is_stored_and_read_back(clien
     stored = (await client.get(f"/v1/jobs/{response.json()['id']}", headers=auth(token))).json()["config"]
     assert stored["clip"]["norm_type"] == "Infinity"
     assert parse_config(stored).clip.norm_type == float("inf")
+
+
+# --- /readyz tells anonymous callers only which dependency is down ------------------------
+
+
+async def test_readyz_says_which_dependency_is_down_and_only_the_admin_why(settings):
+    from service.api.app import create_app
+    from tests.api.helpers import ADMIN_TOKEN
+
+    db_down = settings.model_copy(update={"database_url": "postgresql://nobody@127.0.0.1:1/secret_db_name"})
+    app = create_app(db_down)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            anonymous = await http.get("/readyz")
+            assert anonymous.status_code == 503
+            assert anonymous.json()["checks"]["database"] == "down", anonymous.text  # no driver, host or error text
+            admin = await http.get("/readyz", headers=auth(ADMIN_TOKEN))
+            assert admin.json()["checks"]["database"].startswith("down: ")  # the operator sees why

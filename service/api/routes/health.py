@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Response
@@ -11,12 +12,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from service.api.deps import RuntimeDep
+from service.api.deps import IsAdminDep, RuntimeDep
 from service.api.schemas import Readiness
 from service.store.db import repo
 from service.store.db.models import JobState
 
 router = APIRouter(tags=["health"])
+log = logging.getLogger("unroll.api")
 
 CHECK_TIMEOUT_S = 2.0
 
@@ -26,6 +28,10 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+def _down(exc: Exception) -> str:
+    return f"down: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
 async def _database(runtime) -> str:
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S):
@@ -33,7 +39,7 @@ async def _database(runtime) -> str:
                 await conn.execute(sa.text("SELECT 1"))
         return "ok"
     except Exception as exc:  # any failure is "not ready", with the reason
-        return f"down: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+        return _down(exc)
 
 
 async def _redis(runtime) -> str:
@@ -42,7 +48,7 @@ async def _redis(runtime) -> str:
             await runtime.redis.ping()
         return "ok"
     except Exception as exc:
-        return f"down: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+        return _down(exc)
 
 
 async def _ray(runtime) -> str:
@@ -72,12 +78,18 @@ async def _ray(runtime) -> str:
     "/readyz",
     response_model=Readiness,
     summary="Readiness: the database, Redis and a live dispatcher (Ray)",
+    description="`checks` says which dependency is down. Why (the error: host names, "
+    "drivers, versions) goes to the API's log, and into the answer only for the admin token.",
     responses={503: {"model": Readiness, "description": "Some dependency is down; `checks` says which"}},
 )
-async def readyz(runtime: RuntimeDep) -> JSONResponse:
+async def readyz(runtime: RuntimeDep, admin: IsAdminDep) -> JSONResponse:
     database, redis, ray = await asyncio.gather(_database(runtime), _redis(runtime), _ray(runtime))
     checks = {"database": database, "redis": redis, "ray": ray}
     ready = all(v == "ok" for v in checks.values())
+    if not ready:
+        log.warning("not ready: %s", ", ".join(f"{name} {state}" for name, state in checks.items() if state != "ok"))
+    if not admin:  # the reason may name hosts and software: not for anonymous callers
+        checks = {name: state.split(":", 1)[0] for name, state in checks.items()}
     body = Readiness(ready=ready, checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 

@@ -302,6 +302,20 @@ def finish(
     return True
 
 
+def fail_unplaceable(session: Session, job_id: str, error: str, *, now: datetime | None = None) -> bool:
+    """queued → failed, for a job that no dispatcher can place (placing it raised): it ends
+    with its error instead of coming back to the queue and stalling the jobs behind it. No
+    attempt ran, so none is closed. False if the job is no longer queued."""
+    now = now or utcnow()
+    result = session.execute(
+        sa.update(Job)
+        .where(Job.id == job_id, Job.state == JobState.QUEUED)
+        .values(state=JobState.FAILED, error=error, finished_at=now, pending_reason=None)
+        .execution_options(**_SYNC)
+    )
+    return result.rowcount == 1
+
+
 def _cancel_values(now: datetime) -> dict[str, object]:
     # queued jobs end at once; running ones get the request and end when their attempt
     # observes it (it then calls finish(..., CANCELLED)).
