@@ -6,6 +6,7 @@ nothing: ``uvicorn --factory service.api.app:create_app`` or ``unroll api``.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = open_runtime(settings, metrics)
         app.state.runtime = runtime
+        listener = runtime.listen_for_revocations()
         # What is alive now (modules, routes, ORM and pydantic metadata: ~130k objects)
         # lives as long as the app: out of the collector's sight, a full collection no
         # longer walks it (a 40 ms pause in the middle of requests otherwise). Garbage is
@@ -106,6 +108,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
             await runtime.close()
             gc.unfreeze()
 

@@ -4,9 +4,10 @@ A project token is a long random secret stored as its sha256 (service.store.db.r
 so a lookup is an equality match on the hash: no secret is ever compared in Python. The
 admin token (``UNROLL_ADMIN_TOKEN``) lives only in the settings and is compared in constant
 time. Verified tokens are cached by hash for ``UNROLL_TOKEN_CACHE_SECONDS`` (a submission
-would otherwise spend a database round trip on every request); a revoked token therefore
-keeps working for at most that long. ``repo.authenticate`` throttles ``last_used_at``
-writes, and the cache makes them rarer still (one per cache period and token).
+would otherwise spend a database round trip on every request); a revocation is announced
+to every API process, which forgets the token at once (service.store.revocations).
+``repo.authenticate`` throttles ``last_used_at`` writes, and the cache makes them rarer
+still (one per cache period and token).
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ class TokenCache:
         self._entries.move_to_end(token_hash)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+
+    def forget(self, token_hash: str) -> None:
+        """A revoked token (service.store.revocations): the next request asks the database."""
+        self._entries.pop(token_hash, None)
 
     def clear(self) -> None:
         self._entries.clear()

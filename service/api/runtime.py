@@ -4,6 +4,7 @@ lifespan (``open_runtime``), closed when it ends; nothing here connects at impor
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from contextlib import AbstractAsyncContextManager
@@ -18,6 +19,7 @@ from service.api.batching import Batcher
 from service.api.metrics import Metrics
 from service.api.quota import QueuedCounter
 from service.api.submit import JobInserts
+from service.store import revocations
 from service.store.artifacts import ArtifactStore
 from service.store.db import repo
 from service.store.db.session import (
@@ -68,6 +70,10 @@ class Runtime:
                 await self.queue.enqueue_many(jobs)
         except (RedisError, OSError) as exc:
             log.warning("enqueue of %d job(s) failed after commit (the reconciler will retry): %s", len(jobs), exc)
+
+    def listen_for_revocations(self) -> asyncio.Task[None]:
+        """Forget revoked tokens as they are announced (service.store.revocations)."""
+        return asyncio.create_task(revocations.listen(self.redis, self.keys, self.tokens.forget, self.tokens.clear))
 
     async def close(self) -> None:
         await self.quota.close()

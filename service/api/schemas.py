@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from service.store.db.models import Attempt, Checkpoint, Dataset, Job, JobLog, JobState
+from service.store import limits
+from service.store.db.models import ApiToken, Attempt, Checkpoint, Dataset, Job, JobLog, JobState
 
 StateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -324,6 +325,8 @@ class TokenCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(None, max_length=200)
+    # Seconds until the token stops working (null: it never expires).
+    expires_in_s: int | None = Field(None, ge=limits.MIN_TOKEN_LIFETIME_S, le=limits.MAX_TOKEN_LIFETIME_S)
 
 
 class TokenCreated(BaseModel):
@@ -332,6 +335,31 @@ class TokenCreated(BaseModel):
     token_id: str
     # The secret: shown once, stored only as a hash.
     token: str
+    expires_at: datetime | None = None
+
+
+class TokenPublic(BaseModel):
+    """A token as listed: never its secret (only a hash of it is stored)."""
+
+    id: str
+    project_id: str
+    project: str
+    name: str | None
+    created_at: datetime
+    last_used_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    @classmethod
+    def of(cls, token: ApiToken, project: str) -> TokenPublic:
+        return cls(
+            id=token.id, project_id=token.project_id, project=project, name=token.name, created_at=token.created_at,
+            last_used_at=token.last_used_at, expires_at=token.expires_at, revoked_at=token.revoked_at,
+        )
+
+
+class TokenList(BaseModel):
+    tokens: list[TokenPublic]
 
 
 # --- health -----------------------------------------------------------------------------------

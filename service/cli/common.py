@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import timedelta
 
+from service.store import limits
 from service.store.lifecycle import TERMINAL_STATE_NAMES
 
 # The job (and sweep) states after which nothing changes: what "follow until it ends" waits for.
@@ -43,3 +45,19 @@ def read_config(path: str) -> dict:
         return read_config_file(path)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """"90m", "12h", "30d", "52w" (or plain seconds) as a token's lifetime, within
+    service.store.limits (one minute to ten years, as the admin route)."""
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in _UNITS else (text, "s")
+    try:
+        value = timedelta(seconds=float(number) * _UNITS[unit])
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a duration such as 90m, 12h, 30d") from None
+    if not limits.MIN_TOKEN_LIFETIME_S <= value.total_seconds() <= limits.MAX_TOKEN_LIFETIME_S:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be between 1 minute and 10 years")
+    return value

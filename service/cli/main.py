@@ -22,7 +22,7 @@ import sys
 import time
 
 from service.cli import sweep, up
-from service.cli.common import TERMINAL, UsageError, add_client_args, fail, open_client, read_config
+from service.cli.common import TERMINAL, UsageError, add_client_args, fail, open_client, parse_duration, read_config
 
 
 def _db(subparsers) -> None:
@@ -90,30 +90,94 @@ def _run_api(args: argparse.Namespace) -> int:
 
 
 def _token(subparsers) -> None:
-    p = subparsers.add_parser("token", help="API tokens")
+    p = subparsers.add_parser("token", help="API tokens (straight in the database, like the admin routes)")
     sub = p.add_subparsers(dest="token_command", required=True)
     create = sub.add_parser("create", help="create a project (if needed) and a token; prints the token last")
     create.add_argument("--project", required=True)
     create.add_argument("--name", default=None, help="a label for the token")
+    create.add_argument("--expires", default=None, type=parse_duration, metavar="DURATION",
+                        help="it stops working after this long: 90m, 12h, 30d, 52w (default: never)")
     create.set_defaults(func=_token_create)
+    listing = sub.add_parser("list", help="the tokens (never their secrets), newest first")
+    listing.add_argument("--project", default=None, help="only this project's")
+    listing.set_defaults(func=_token_list)
+    revoke = sub.add_parser("revoke", help="revoke a token: refused on its next request, on every API replica")
+    revoke.add_argument("id", help="the token's id (tok_..., from `unroll token list`)")
+    revoke.set_defaults(func=_token_revoke)
 
 
-def _token_create(args: argparse.Namespace) -> int:
-    from service.store.db import repo
+def _in_database(work):
+    """Run work(session) in one transaction of the configured database; exit 2 if it is down."""
     from service.store.db.errors import DatabaseUnavailable
     from service.store.db.session import session_scope
 
     try:
         with session_scope() as session:
-            project = repo.get_or_create_project(session, args.project)
-            secret, _ = repo.create_token(session, project.id, name=args.name)
-            project_id = project.id
+            return work(session)
     except DatabaseUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"project {args.project} ({project_id}): new token (shown once)", file=sys.stderr)
+        raise UsageError(str(exc)) from None
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    from service.store.db import repo
+    from service.store.db.base import utcnow
+
+    expires_at = utcnow() + args.expires if args.expires is not None else None
+
+    def create(session):
+        project = repo.get_or_create_project(session, args.project)
+        secret, _ = repo.create_token(session, project.id, name=args.name, expires_at=expires_at)
+        return project.id, secret
+
+    project_id, secret = _in_database(create)
+    until = f", expires {expires_at:%Y-%m-%d %H:%M} UTC" if expires_at else ""
+    print(f"project {args.project} ({project_id}): new token (shown once{until})", file=sys.stderr)
     print(secret)
     return 0
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    from service.store.db import repo
+
+    def rows(session):
+        return [
+            [t.id, name, t.name or "-", _stamp(t.created_at), _stamp(t.last_used_at), _stamp(t.expires_at), _stamp(t.revoked_at)]
+            for t, name in repo.list_tokens(session, args.project)
+        ]
+
+    found = _in_database(rows)
+    print(_table(found, ["ID", "PROJECT", "NAME", "CREATED", "LAST USED", "EXPIRES", "REVOKED"]) if found else "no tokens")
+    return 0
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    from service.store import revocations
+    from service.store.db import repo
+    from service.store.db.errors import NotFound
+    from service.store.keys import Keys
+    from service.store.settings import get_settings
+
+    def revoke(session):
+        token_hash = repo.revoke_token(session, args.id)
+        repo.get_token(session, args.id)  # NotFound for an unknown id
+        return token_hash
+
+    try:
+        token_hash = _in_database(revoke)
+    except NotFound:
+        raise UsageError(f"no token {args.id!r} (see unroll token list)") from None
+    if token_hash is None:
+        print(f"{args.id} was already revoked")
+        return 0
+    settings = get_settings()
+    if not revocations.announce_sync(settings.redis_url, Keys(settings.redis_prefix), token_hash):
+        print("note: Redis did not answer; API processes forget cached tokens when they reach it again", file=sys.stderr)
+    print(f"{args.id} revoked")
+    return 0
+
+
+def _stamp(when) -> str:
+    return when.strftime("%Y-%m-%d %H:%M") if when is not None else "-"
 
 
 # --- client commands --------------------------------------------------------------------------

@@ -90,6 +90,13 @@ class Keys:
     def job_events(self, job_id: str) -> str:
         return f"{self.prefix}:events:job:{job_id}"
 
+    # --- tokens (service.store.revocations) -----------------------------------------------
+    # Pub/sub channel: the sha256 of each token revoked, so every API process forgets it at
+    # once instead of trusting its cache until the entry expires.
+    @property
+    def token_revocations(self) -> str:
+        return f"{self.prefix}:tokens:revoked"
+
     # --- dispatchers (workers.dispatcher) ---------------------------------------------------
     # STRING (JSON, with a TTL) that a live dispatcher refreshes every second: its Ray
     # status, for /readyz. No key left: no dispatcher is alive.

@@ -1,18 +1,26 @@
 """/v1/admin: what only the admin token (``UNROLL_ADMIN_TOKEN``) may do: create projects and
-their tokens. ``unroll token create`` does the same directly against the database."""
+their tokens, list tokens, revoke one. ``unroll token create | list | revoke`` do the same
+directly against the database."""
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Path, status
+from datetime import datetime, timedelta
+
+from fastapi import APIRouter, Body, Path, Query, status
+from redis.exceptions import RedisError
 
 from service.api.deps import AdminDep, RuntimeDep
 from service.api.errors import responses
-from service.api.schemas import TokenCreate, TokenCreated
+from service.api.schemas import TokenCreate, TokenCreated, TokenList, TokenPublic
+from service.store import revocations
 from service.store.db import repo
+from service.store.db.base import utcnow
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
+log = logging.getLogger("unroll.api")
 
 
 @router.post(
@@ -28,12 +36,43 @@ async def create_token(
     runtime: RuntimeDep,
     body: Annotated[TokenCreate | None, Body()] = None,
 ) -> TokenCreated:
-    name = body.name if body is not None else None
+    body = body or TokenCreate()
+    expires_at = utcnow() + timedelta(seconds=body.expires_in_s) if body.expires_in_s is not None else None
     async with runtime.sessions() as session, session.begin():
-        return await session.run_sync(_create, project, name)
+        return await session.run_sync(_create, project, body.name, expires_at)
 
 
-def _create(session, project_name: str, token_name: str | None) -> TokenCreated:
+def _create(session, project_name: str, token_name: str | None, expires_at: datetime | None) -> TokenCreated:
     row = repo.get_or_create_project(session, project_name)
-    secret, token = repo.create_token(session, row.id, name=token_name)
-    return TokenCreated(project_id=row.id, project=row.name, token_id=token.id, token=secret)
+    secret, token = repo.create_token(session, row.id, name=token_name, expires_at=expires_at)
+    return TokenCreated(project_id=row.id, project=row.name, token_id=token.id, token=secret, expires_at=expires_at)
+
+
+@router.get("/tokens", response_model=TokenList, summary="Every token (of one project), newest first; never a secret", responses=responses(401, 422, 503))
+async def list_tokens(
+    _admin: AdminDep,
+    runtime: RuntimeDep,
+    project: Annotated[str | None, Query(min_length=1, max_length=200, description="a project's name")] = None,
+) -> TokenList:
+    async with runtime.sessions() as session:
+        rows = await session.run_sync(repo.list_tokens, project)
+    return TokenList(tokens=[TokenPublic.of(token, name) for token, name in rows])
+
+
+@router.post(
+    "/tokens/{token_id}/revoke",
+    response_model=TokenPublic,
+    summary="Revoke a token: refused on its next request, on every API replica (idempotent)",
+    responses=responses(401, 404, 422, 503),
+)
+async def revoke_token(token_id: Annotated[str, Path(min_length=1, max_length=64)], _admin: AdminDep, runtime: RuntimeDep) -> TokenPublic:
+    async with runtime.sessions() as session, session.begin():
+        token_hash = await session.run_sync(repo.revoke_token, token_id)
+        token, project = await session.run_sync(repo.get_token, token_id)  # NotFound: 404
+    if token_hash is not None:
+        runtime.tokens.forget(token_hash)  # this process at once, whatever Redis does
+        try:
+            await revocations.announce(runtime.redis, runtime.keys, token_hash)
+        except (RedisError, OSError) as exc:  # the other replicas forget every token when Redis is back
+            log.warning("announcing the revocation of %s failed: %s", token_id, exc)
+    return TokenPublic.of(token, project)

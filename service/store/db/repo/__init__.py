@@ -55,7 +55,9 @@ from service.store.db.repo.projects import (
     create_token,
     get_or_create_project,
     get_project,
+    get_token,
     hash_token,
+    list_tokens,
     revoke_token,
 )
 from service.store.db.repo.sweeps import (
@@ -93,7 +95,9 @@ __all__ = [
     "get_or_create_project",
     "get_project",
     "get_sweep",
+    "get_token",
     "hash_token",
+    "list_tokens",
     "insert_job",
     "insert_metrics",
     "last_metrics",

@@ -80,12 +80,34 @@ def authenticate(session: Session, token: str, *, now: datetime | None = None) -
     return row
 
 
-def revoke_token(session: Session, token_id: str, *, now: datetime | None = None) -> bool:
-    result = session.execute(
+def revoke_token(session: Session, token_id: str, *, now: datetime | None = None) -> str | None:
+    """Revoke a live token; its hash (what API caches key it by, to forget it), or None if
+    there is no such live token."""
+    return session.execute(
         sa.update(ApiToken)
         .where(ApiToken.id == token_id, ApiToken.revoked_at.is_(None))
         .values(revoked_at=now or utcnow())
-    )
-    return result.rowcount == 1
+        .returning(ApiToken.token_hash)
+    ).scalar_one_or_none()
 
 
+def _tokens() -> sa.Select:
+    return sa.select(ApiToken, Project.name).join(Project, Project.id == ApiToken.project_id)
+
+
+def get_token(session: Session, token_id: str) -> tuple[ApiToken, str]:
+    """(token, project name); NotFound if there is no such token."""
+    row = session.execute(_tokens().where(ApiToken.id == token_id)).first()
+    if row is None:
+        raise NotFound("token", token_id)
+    return row[0], row[1]
+
+
+def list_tokens(session: Session, project: str | None = None, *, limit: int = 1000) -> list[tuple[ApiToken, str]]:
+    """(token, project name) of every token (of one project, by name), newest first; the
+    secrets are not stored, so none is shown."""
+    stmt = _tokens()
+    if project is not None:
+        stmt = stmt.where(Project.name == project)
+    rows = session.execute(stmt.order_by(ApiToken.created_at.desc(), ApiToken.id.desc()).limit(limit)).all()
+    return [(token, name) for token, name in rows]
