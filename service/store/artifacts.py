@@ -106,5 +106,7 @@ def _protocols(fs) -> tuple[str, ...]:
 
 
 def _safe_name(name: str) -> str:
-    base = os.path.basename(name.replace("\\", "/")) or "data"
+    base = os.path.basename(name.replace("\\", "/"))
+    if not base.strip("."):  # "", "." and ".." would name a folder, not a file in it
+        base = "data"
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in base)[:128]

@@ -131,3 +131,23 @@ async def test_readyz_says_which_dependency_is_down_and_only_the_admin_why(setti
             assert anonymous.json()["checks"]["database"] == "down", anonymous.text  # no driver, host or error text
             admin = await http.get("/readyz", headers=auth(ADMIN_TOKEN))
             assert admin.json()["checks"]["database"].startswith("down: ")  # the operator sees why
+
+
+# --- dataset names that are folders -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [".", "..", "..."])
+async def test_a_dataset_named_like_a_folder_is_a_422(client, make_token, settings, name):
+    token = make_token()
+    response = await client.post("/v1/datasets", params={"name": name}, content=b"abc", headers=auth(token))
+    assert response.status_code == 422 and response.json()["error"]["field"] == "name", response.text
+    stored = [p for p in Path(settings.artifacts).rglob("*") if p.is_file()]
+    assert stored == []  # nothing written, one level up or anywhere
+
+
+def test_the_artifact_store_never_names_a_folder(tmp_path):
+    from service.store.artifacts import ArtifactStore
+
+    store = ArtifactStore(str(tmp_path))
+    for name in (".", "..", "a/..", ""):
+        assert store.dataset_uri("ds_1", name).endswith("/datasets/ds_1/data")

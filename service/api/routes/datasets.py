@@ -16,7 +16,7 @@ from fastapi import APIRouter, Query, Request, status
 from starlette.requests import ClientDisconnect
 
 from service.api.deps import ProjectDep, RuntimeDep
-from service.api.errors import ApiError, PayloadTooLarge, responses
+from service.api.errors import ApiError, Invalid, PayloadTooLarge, responses
 from service.api.schemas import DatasetList, DatasetPublic
 from service.store.artifacts import TooLarge
 from service.store.db import repo
@@ -47,6 +47,8 @@ async def upload_dataset(
     name: Annotated[str, Query(min_length=1, max_length=255, pattern=r"^[^\x00/\\]+$", description="File name")],
 ) -> DatasetPublic:
     cap = runtime.settings.max_upload_bytes
+    if not name.strip("."):  # "." and ".." name directories, not files
+        raise Invalid("name", "must name a file, not . or ..")
     if request.headers.get("content-type", "").startswith("multipart/"):
         raise ApiError(415, "unsupported_media_type", "send the file as the raw request body, not multipart")
     length = request.headers.get("content-length", "")
