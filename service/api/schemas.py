@@ -7,13 +7,13 @@ trainer cannot disagree; OpenAPI documents it under the name ``JobConfig``.
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.store import limits
+from service.store.db.base import unstorable
 from service.store.db.models import ApiToken, Attempt, Checkpoint, Dataset, Job, JobLog, JobState
 
 StateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -177,18 +177,6 @@ def _base_is_a_job_config(schema: dict[str, Any]) -> None:
     schema["properties"]["base"] = {"$ref": "#/components/schemas/JobConfig", "description": "A job configuration (SPEC §2)"}
 
 
-def _nonfinite_at(value: Any, path: str) -> str | None:
-    """The path of the first NaN or infinity inside a JSON value, if any."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return path
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        found = _nonfinite_at(item, f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]")
-        if found is not None:
-            return found
-    return None
-
-
 class SweepCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra=_base_is_a_job_config)
 
@@ -204,12 +192,12 @@ class SweepCreate(BaseModel):
 
     @field_validator("base", "grid")
     @classmethod
-    def _finite(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        # Stored as sent (PostgreSQL's JSONB refuses NaN and infinity), also where a grid
-        # point overrides the value, so every number must be finite here already.
-        found = _nonfinite_at(value, info.field_name)
+    def _storable(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # Stored as sent, also where a grid point overrides a value: every part of it must
+        # be something the database can hold (no NaN, infinity or NUL).
+        found = unstorable(value, info.field_name)
         if found is not None:
-            raise ValueError(f"{found}: must be a finite number")
+            raise ValueError(f"{found[0]}: {found[1]}")
         return value
 
 

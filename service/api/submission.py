@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api.errors import ApiError, Invalid, config_invalid
 from service.store.db import repo
+from service.store.db.base import unstorable
 from service.store.db.errors import NotFound
 from service.store.settings import Settings
 from trainer.config import (
@@ -44,37 +45,18 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _nul_path(value: Any, path: str = "") -> str | None:
-    """The path of the first string holding a NUL character (no database stores one)."""
-    if isinstance(value, str):
-        return path if "\x00" in value else None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            sub = f"{path}.{key}" if path else str(key)
-            if "\x00" in str(key):
-                return sub
-            found = _nul_path(item, sub)
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _nul_path(item, f"{path}.{index}" if path else str(index))
-            if found is not None:
-                return found
-    return None
-
-
 def loads(body: bytes) -> Any:
-    """JSON text to a value: 400 for malformed JSON or NaN/Infinity, 422 for NUL characters."""
+    """JSON text to a value: 400 for malformed JSON or NaN/Infinity, 422 naming the part no
+    database column can hold (a NUL character, a number such as 1e999 that reads as infinity)."""
     if not body.strip():
         raise BadJson("the request body is empty; send a JSON object")
     try:
         value = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise BadJson(f"invalid JSON: {exc}") from None
-    bad = _nul_path(value)
+    bad = unstorable(value)
     if bad is not None:
-        raise Invalid(bad or None, "must not contain NUL characters")
+        raise Invalid(bad[0] or None, bad[1])
     return value
 
 

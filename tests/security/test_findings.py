@@ -151,3 +151,12 @@ def test_the_artifact_store_never_names_a_folder(tmp_path):
     store = ArtifactStore(str(tmp_path))
     for name in (".", "..", "a/..", ""):
         assert store.dataset_uri("ds_1", name).endswith("/datasets/ds_1/data")
+
+
+async def test_a_nul_character_in_a_sweep_is_a_422(client, make_token):
+    # The base is stored as sent, so a NUL the grid overrides at every point still reaches
+    # the database, which cannot hold it.
+    body = {"base": job(name="a\x00b"), "grid": {"name": ["x", "y"]}}
+    response = await client.post("/v1/sweeps", json=body, headers=auth(make_token()))
+    assert response.status_code == 422 and response.json()["error"]["field"] == "base", response.text
+    assert "base.name" in response.json()["error"]["message"]

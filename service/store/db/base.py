@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 from datetime import UTC, datetime
 from typing import Any
@@ -52,6 +53,29 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
 
 # JSON documents: JSONB on PostgreSQL (indexable, `@>` for tag filters), JSON elsewhere.
 JSONDoc = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+def unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
+    """(path, problem) of the first part of a JSON value that a JSONDoc column cannot hold
+    on every database: a NUL character in a string or key, or a NaN or infinite number
+    (JSON has neither; PostgreSQL's JSONB refuses both). None when all of it can be stored."""
+    if isinstance(value, str):
+        return (path, "must not contain NUL characters") if "\x00" in value else None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, "must be a finite number")
+    if isinstance(value, dict):
+        items = [(f"{path}.{key}" if path else str(key), key, item) for key, item in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{path}.{index}" if path else str(index), "", item) for index, item in enumerate(value)]
+    else:
+        return None
+    for sub, key, item in items:
+        if "\x00" in str(key):
+            return sub, "must not contain NUL characters"
+        found = unstorable(item, sub)
+        if found is not None:
+            return found
+    return None
 
 # A 64-bit autoincrement key; SQLite only autoincrements an INTEGER PRIMARY KEY.
 BigIntPK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
