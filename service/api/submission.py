@@ -1,7 +1,8 @@
 """What makes a job configuration acceptable to this deployment, beyond its schema.
 
 ``trainer.config.parse_config`` decides whether a config is well formed (the very check the
-trainer runs); this module adds the service's own rules: the model-size cap, data paths
+trainer runs); this module adds the service's own rules: the per-field limits of service.store.limits,
+the model-size cap, data paths
 only inside ``UNROLL_DATA_ROOTS``, datasets of the caller's project, and numbers that fit
 the database columns. Errors are 422s naming the field, with a `prefix` for configs nested
 in a request (a sweep's `base.`).
@@ -18,6 +19,7 @@ from fastapi import Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api.errors import ApiError, Invalid, config_invalid
+from service.store import limits
 from service.store.db import repo
 from service.store.db.base import unstorable
 from service.store.db.errors import NotFound
@@ -75,6 +77,8 @@ def check_config(raw: Any, settings: Settings, prefix: str = "") -> JobConfig:
         raise Invalid(f"{prefix}priority", f"must be between {low} and {high}")
     if config.train.max_steps is not None and config.train.max_steps > MAX_STEPS_LIMIT:
         raise Invalid(f"{prefix}train.max_steps", f"must be <= {MAX_STEPS_LIMIT}")
+    for field, message in limits.violations(config, limits.effective(settings.limits)):
+        raise Invalid(f"{prefix}{field}", message)
     params = parameter_count(config)
     if params > settings.max_params:
         raise Invalid(

@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.store.keys import DEFAULT_PREFIX
+from service.store.limits import effective
 
 
 class Settings(BaseSettings):
@@ -46,6 +47,8 @@ class Settings(BaseSettings):
     max_queued_per_project: int = Field(default=10_000, ge=0)
     # The largest model (parameter count) a job may ask for.
     max_params: int = Field(default=50_000_000, ge=1)
+    # Overrides of the per-field bounds of service.store.limits: {"model.num_layers": 64}.
+    limits: dict[str, float] = Field(default_factory=dict)
 
     # --- the HTTP API (service.api.app) ---
     # Largest JSON request body (413 beyond); uploads have their own cap.
@@ -82,6 +85,12 @@ class Settings(BaseSettings):
     # SQLite: how long a writer waits for the lock held by another writer.
     sqlite_busy_timeout_ms: int = Field(default=5_000, ge=0)
     db_echo: bool = False
+
+    @field_validator("limits")
+    @classmethod
+    def _known_limits(cls, value: dict[str, float]) -> dict[str, float]:
+        effective(value)  # ValueError names an unknown field or a bad bound
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -160,3 +160,31 @@ async def test_a_nul_character_in_a_sweep_is_a_422(client, make_token):
     response = await client.post("/v1/sweeps", json=body, headers=auth(make_token()))
     assert response.status_code == 422 and response.json()["error"]["field"] == "base", response.text
     assert "base.name" in response.json()["error"]["message"]
+
+
+# --- bounds on every field (service.store.limits) ----------------------------------------
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    # Issue 14 measured this one as a 201 (a tiny hidden size keeps it under the parameter cap).
+    ({"model": {"cell": "rnn_tanh", "hidden_size": 1, "num_layers": 12_000_000}}, "model.num_layers"),
+    ({"resources": {"cpus": 5e-324}}, "resources.cpus"),  # overflowed the dispatcher's arithmetic
+    ({"resources": {"cpus": 0.0001}}, "resources.cpus"),  # 10,000 jobs per CPU
+    ({"max_attempts": 100}, "max_attempts"),  # a crashing job retried 100 times
+    ({"data": {"kind": "recall", "length": 200, "batch_size": 1_000_000}}, "data.batch_size"),
+    ({"tbptt": {"k1": 10_000_000}}, "tbptt.k1"),
+])
+async def test_a_field_past_its_limit_is_a_422_naming_it(client, make_token, overrides, field):
+    response = await client.post("/v1/jobs", json={**JOB, **overrides}, headers=auth(make_token()))
+    assert response.status_code == 422 and response.json()["error"]["field"] == field, response.text
+
+
+async def test_an_operator_raises_a_limit(client, make_token, settings):
+    settings.limits = {"max_attempts": 50}
+    assert (await client.post("/v1/jobs", json={**JOB, "max_attempts": 50}, headers=auth(make_token()))).status_code == 201
+
+
+async def test_a_sweep_point_past_a_limit_is_the_grids_fault(client, make_token):
+    body = {"base": JOB, "grid": {"model.num_layers": [1, 64]}}
+    response = await client.post("/v1/sweeps", json=body, headers=auth(make_token()))
+    assert response.status_code == 422 and response.json()["error"]["field"] == "grid.model.num_layers", response.text
