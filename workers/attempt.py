@@ -27,7 +27,7 @@ from service.store.keys import DEFAULT_PREFIX
 from service.store.lifecycle import JobState
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, JobConfig, parse_config
-from trainer.loop import NonFiniteError, Summary
+from trainer.loop import Callback, NonFiniteError, Summary
 from workers.reporter import Attempt, AttemptStale, JobReporter
 
 # Failures of the job itself: retrying cannot help, so the job fails at once.
@@ -44,6 +44,29 @@ class AttemptSpec:
     artifacts: str
     lease_seconds: float
     prefix: str = DEFAULT_PREFIX
+    max_params: int | None = None  # UNROLL_MAX_PARAMS, checked on the model as built
+
+
+@dataclass(frozen=True)
+class ParameterCap(Callback):
+    """Refuse, before the first step, a model larger than the service allows. The API checks
+    the config's size before it accepts a job, but a text job's vocabulary is known only
+    once its data is read: this checks the model as built (a job error: it fails, not retried)."""
+
+    max_params: int
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        if info["parameters"] > self.max_params:
+            raise ConfigError([(
+                "model",
+                f"the model has {info['parameters']:,} parameters with its data's vocabulary; this service allows"
+                f" at most {self.max_params:,} (UNROLL_MAX_PARAMS)",
+            )])
+
+
+def service_checks(spec: AttemptSpec) -> tuple[Callback, ...]:
+    """The callbacks every attempt runs before its own: the service's rules on the built model."""
+    return (ParameterCap(spec.max_params),) if spec.max_params is not None else ()
 
 
 @lru_cache(maxsize=4)

@@ -34,13 +34,7 @@ from service.store.db import repo
 from trainer.config import JobConfig
 from trainer.distributed import GroupCallbacks, Sync
 from trainer.loop import Callback, Summary, fit
-from workers.attempt import (
-    JOB_ERRORS,
-    AttemptSpec,
-    open_attempt,
-    sessions_for,
-    train_attempt,
-)
+from workers.attempt import JOB_ERRORS, AttemptSpec, open_attempt, service_checks, sessions_for, train_attempt
 from workers.reporter import JobReporter
 
 MAX_RESTARTS = 2  # group restarts inside one attempt before the attempt itself fails
@@ -139,7 +133,7 @@ def run_group_attempt(spec: AttemptSpec, config: JobConfig) -> str:
     """The dispatcher's Ray task for a group job: drive the group, then read the outcome
     rank 0 wrote (the task holds no resources of its own; the ranks do)."""
     try:
-        train_group(config, JobSink(spec), name=f"{spec.job_id}-a{spec.attempt}")
+        train_group(config, JobSink(spec), name=f"{spec.job_id}-a{spec.attempt}", extra=service_checks(spec))
     except Exception:
         # The group failed past its restarts: the dispatcher retries the job from its
         # last checkpoint as a new attempt.

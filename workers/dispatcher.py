@@ -270,7 +270,7 @@ class Dispatcher:
         spec = AttemptSpec(
             job_id=job_id, attempt=attempt, worker=self.name, database_url=self.settings.database_url,
             redis_url=self.settings.redis_url, artifacts=self.settings.artifacts,
-            lease_seconds=float(self.settings.lease_seconds), prefix=self.prefix,
+            lease_seconds=float(self.settings.lease_seconds), prefix=self.prefix, max_params=self.settings.max_params,
         )
         # A group's ranks hold its resources (Ray Train's placement group); its driver none.
         solo = needs.workers == 1

@@ -5,7 +5,7 @@ task only drives it. What both share is in workers/attempt.py."""
 from __future__ import annotations
 
 from workers import tracking
-from workers.attempt import AttemptEnded, AttemptSpec, open_attempt, train_attempt
+from workers.attempt import AttemptEnded, AttemptSpec, open_attempt, service_checks, train_attempt
 from workers.ddp import run_group_attempt
 from workers.reporter import JobReporter
 
@@ -32,6 +32,7 @@ def run_attempt(spec: AttemptSpec) -> str:
     resume = job.load_checkpoint()
     reporter = JobReporter(job.attempt)
     # fit, plus MLflow / TensorBoard when this node's environment asks for them
+    callbacks = [*service_checks(spec), reporter]
     return train_attempt(
-        reporter, lambda: tracking.fit(spec.job_id, spec.attempt, job.config, [reporter], resume=resume, resolve=job.resolve)
+        reporter, lambda: tracking.fit(spec.job_id, spec.attempt, job.config, callbacks, resume=resume, resolve=job.resolve)
     )

@@ -85,11 +85,12 @@ class Stack:
         env.update(extra)
         return env
 
-    def start_worker(self) -> subprocess.Popen:
+    def start_worker(self, **env: str) -> subprocess.Popen:
+        """An `unroll worker` process; `env` adds settings (UNROLL_...) to the stack's."""
         log_path = self.artifacts.parent / f"worker-{len(self.workers)}.log"
         self.logs.append(log_path)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker"], cwd=ROOT, env=self.env(),
+            [sys.executable, "-m", "service.cli", "worker"], cwd=ROOT, env=self.env(**env),
             stdout=log_path.open("w"), stderr=subprocess.STDOUT,
         )
         self.workers.append(proc)
