@@ -173,6 +173,9 @@ class TrainConfig(Section):
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Stop after this many seconds of training, counted across resumes (the run's own
+    # clock, not time spent queued): a final checkpoint, then `stopped: time limit`.
+    max_wall_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _one_budget(self) -> "TrainConfig":

@@ -58,7 +58,7 @@ class Summary:
     peak_memory_bytes: int
     clipped_fraction: float
     skipped_steps: int
-    stopped: str  # completed | cancelled
+    stopped: str  # completed | cancelled | time limit
     valid_accuracy: float | None = None
     valid_ppl: float | None = None
     valid_bpc: float | None = None
@@ -108,7 +108,8 @@ class Counters:
     tokens: int = 0
     clipped: int = 0
     skipped: int = 0
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # inside updates: what tokens/s divides by
+    wall_seconds: float = 0.0  # the whole loop (updates, evaluations, checkpoints): train.max_wall_s
     recent_losses: deque = field(default_factory=lambda: deque(maxlen=50))
 
     def state_dict(self) -> dict[str, Any]:
@@ -118,12 +119,14 @@ class Counters:
             "clipped": self.clipped,
             "skipped": self.skipped,
             "train_seconds": self.train_seconds,
+            "wall_seconds": self.wall_seconds,
             "recent_losses": list(self.recent_losses),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens = state["step"], state["tokens"]
         self.clipped, self.skipped, self.train_seconds = state["clipped"], state["skipped"], state["train_seconds"]
+        self.wall_seconds = state.get("wall_seconds", 0.0)  # absent from checkpoints older than train.max_wall_s
         self.recent_losses.clear()
         self.recent_losses.extend(state["recent_losses"])
 
@@ -134,6 +137,7 @@ class DataParallel(Protocol):
 
     def attach(self, trainer: Trainer) -> None: ...
     def count(self, local: int) -> int: ...
+    def any(self, flag: bool) -> bool: ...
     def reduce_gradients(self, params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor: ...
     def evaluate(self, runner: Runner, valid: Streams, device: torch.device) -> dict[str, float]: ...
 
@@ -391,9 +395,13 @@ def fit(
     train, counters = config.train, trainer.counters
     valid: dict[str, float | None] = {}
     stopped = "completed"
+    loop_start, wall_before = time.perf_counter(), counters.wall_seconds
     while not trainer.done():
         if any(cb.should_stop() for cb in callbacks):
             stopped = "cancelled"
+            break
+        if _out_of_time(train.max_wall_s, counters.wall_seconds, sync):
+            stopped = "time limit"
             break
         metrics = trainer.update()
         for cb in callbacks:
@@ -403,15 +411,25 @@ def fit(
             valid = trainer.evaluate()
             for cb in callbacks:
                 cb.on_eval(counters.step, valid)
+        counters.wall_seconds = wall_before + time.perf_counter() - loop_start
         if (train.checkpoint_every and counters.step % train.checkpoint_every == 0) or last:
             _checkpoint(trainer, callbacks)
-    if stopped == "cancelled" and counters.step:
+    if stopped != "completed" and counters.step:  # cancelled or out of time: resumable from here
         _checkpoint(trainer, callbacks)
 
     summary = _summary(trainer, valid, stopped, time.perf_counter() - wall_start, info)
     for cb in callbacks:
         cb.on_end(summary)
     return summary
+
+
+def _out_of_time(limit: float | None, spent: float, sync: DataParallel | None) -> bool:
+    """train.max_wall_s is used up. Ranks of a group decide together (their clocks differ,
+    and a rank that stopped alone would leave the others waiting in a collective)."""
+    if limit is None:
+        return False
+    over = spent >= limit
+    return sync.any(over) if sync is not None else over
 
 
 def _checkpoint(trainer: Trainer, callbacks: list[Callback]) -> None:

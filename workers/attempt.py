@@ -150,6 +150,9 @@ def train_attempt(reporter: JobReporter, train: Callable[[], Summary]) -> str:
     if reporter.stale:
         reporter.abandon()
         return "stale"
+    if summary.stopped == "time limit":  # a final checkpoint was written: a retry resumes there
+        error = f"time limit: train.max_wall_s used up at step {summary.steps}"
+        return _finish(reporter, JobState.FAILED, error=error, summary=summary)
     state = JobState.CANCELLED if summary.stopped == "cancelled" else JobState.SUCCEEDED
     return _finish(reporter, state, summary=summary)
 

@@ -77,8 +77,11 @@ def check_config(raw: Any, settings: Settings, prefix: str = "") -> JobConfig:
         raise Invalid(f"{prefix}priority", f"must be between {low} and {high}")
     if config.train.max_steps is not None and config.train.max_steps > MAX_STEPS_LIMIT:
         raise Invalid(f"{prefix}train.max_steps", f"must be <= {MAX_STEPS_LIMIT}")
-    for field, message in limits.violations(config, limits.effective(settings.limits)):
+    table = limits.effective(settings.limits)
+    for field, message in limits.violations(config, table):
         raise Invalid(f"{prefix}{field}", message)
+    if config.train.max_wall_s is None:  # every job ends: a job that sets no limit gets the deployment's
+        config.train.max_wall_s = table["train.max_wall_s"].high
     params = parameter_count(config)
     if params > settings.max_params:
         raise Invalid(

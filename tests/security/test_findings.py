@@ -188,3 +188,17 @@ async def test_a_sweep_point_past_a_limit_is_the_grids_fault(client, make_token)
     body = {"base": JOB, "grid": {"model.num_layers": [1, 64]}}
     response = await client.post("/v1/sweeps", json=body, headers=auth(make_token()))
     assert response.status_code == 422 and response.json()["error"]["field"] == "grid.model.num_layers", response.text
+
+
+# --- every job ends: train.max_wall_s ---------------------------------------------------
+
+
+async def test_a_job_gets_the_deployments_time_limit_and_cannot_exceed_it(client, make_token, settings):
+    token = make_token()
+    made = await client.post("/v1/jobs", json=JOB, headers=auth(token))
+    assert made.status_code == 201 and made.json()["config"]["train"]["max_wall_s"] == 7 * 86400
+    too_long = await client.post("/v1/jobs", json=job(train__max_wall_s=30 * 86400), headers=auth(token))
+    assert too_long.status_code == 422 and too_long.json()["error"]["field"] == "train.max_wall_s", too_long.text
+    settings.limits = {"train.max_wall_s": 3600}
+    made = await client.post("/v1/jobs", json=JOB, headers=auth(token))
+    assert made.json()["config"]["train"]["max_wall_s"] == 3600
