@@ -88,10 +88,18 @@ class StartFailed(Exception):
     pass
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(taken: set[int] | None = None) -> int:
+    """A port nothing listens on now. With `taken`, also none of those (ports handed out but
+    not bound yet: the OS may offer one again), and the result is added to it."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if taken is None:
+            return port
+        if port not in taken:
+            taken.add(port)
+            return port
 
 
 def port_answers(host: str, port: int) -> bool:
@@ -227,6 +235,12 @@ class Up:
     children: list[Child] = field(default_factory=list)
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
     token: str = ""
+    # Ports handed to children, the API's first: a free port picked for Ray or Redis must
+    # not be one already promised to another child (they bind only when they start).
+    ports: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.ports.add(self.port)
 
     @property
     def state(self) -> Path:
@@ -377,7 +391,7 @@ class Up:
             )
         directory = self.state / "redis"
         directory.mkdir(parents=True, exist_ok=True)
-        port = free_port()
+        port = free_port(self.ports)
         self._spawn("redis", [
             executable, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory.resolve()),
             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
@@ -388,8 +402,8 @@ class Up:
 
     def _ray(self, env: dict[str, str]) -> tuple[str, int]:
         temp = ray_temp_dir(self.root)
-        port = free_port()
-        ports = {name: free_port() for name in (
+        port = free_port(self.ports)
+        ports = {name: free_port(self.ports) for name in (
             "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
             "runtime-env-agent-port", "metrics-export-port",
         )}

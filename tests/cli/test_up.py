@@ -319,3 +319,30 @@ def test_second_start_keeps_every_job_and_finishes_the_interrupted_one(folder: P
         assert interrupted.data.params["train.max_steps"] == "3000"
         steps = {m.step for m in client.get_metric_history(interrupted.info.run_id, "train/loss")}
         assert min(steps) == 1 and max(steps) == 3000 and len(steps) > 2800
+
+
+def test_a_free_port_is_never_one_already_handed_out(monkeypatch):
+    """`unroll up` picks ports for Redis and Ray's parts before the API binds its own: the OS
+    may offer the API's port (or one just picked) again. Seen once here: Ray's client server
+    took the API's port and `unroll up` stopped."""
+    from service.cli import up as up_module
+
+    offered = iter([45627, 45627, 40001, 40001, 40002])
+
+    class FakeSocket:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            self.port = next(offered)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(up_module.socket, "socket", FakeSocket)
+    runner = up_module.Up(port=45627)
+    assert [up_module.free_port(runner.ports) for _ in range(2)] == [40001, 40002]
+    assert runner.ports == {45627, 40001, 40002}
