@@ -5,9 +5,8 @@ directly against the database."""
 from __future__ import annotations
 
 import logging
-from typing import Annotated
-
 from datetime import datetime, timedelta
+from typing import Annotated
 
 from fastapi import APIRouter, Body, Path, Query, status
 from redis.exceptions import RedisError
@@ -73,6 +72,8 @@ async def revoke_token(token_id: Annotated[str, Path(min_length=1, max_length=64
         runtime.tokens.forget(token_hash)  # this process at once, whatever Redis does
         try:
             await revocations.announce(runtime.redis, runtime.keys, token_hash)
-        except (RedisError, OSError) as exc:  # the other replicas forget every token when Redis is back
+        except (RedisError, OSError) as exc:
+            # Other replicas refuse it when their cache entry expires (UNROLL_TOKEN_CACHE_SECONDS),
+            # or at once if their listener lost Redis too (it then forgets every token).
             log.warning("announcing the revocation of %s failed: %s", token_id, exc)
     return TokenPublic.of(token, project)
