@@ -392,13 +392,23 @@ class Up:
         directory = self.state / "redis"
         directory.mkdir(parents=True, exist_ok=True)
         port = free_port(self.ports)
+        # A password of this folder's own (created once, kept 0600), given to the server in a
+        # config file of the same mode rather than on its command line, which every local
+        # user can read in `ps`.
+        password_file = self.state / "redis-password"
+        if not password_file.exists():
+            write_secret(password_file, secrets.token_hex(24))
+        password = password_file.read_text().strip()
+        config = directory / "redis.conf"
+        write_secret(config, f"requirepass {password}")
         self._spawn("redis", [
-            executable, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory.resolve()),
+            executable, str(config.resolve()), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory.resolve()),
             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
         ], env)
-        env["UNROLL_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        env["UNROLL_REDIS_URL"] = f"redis://:{password}@127.0.0.1:{port}/0"
         self._wait_for(lambda: redis_answers(env["UNROLL_REDIS_URL"]), "redis", 30.0)
-        say(f"redis: nothing answered at {url}; started a private {executable} on port {port} (data in .unroll/redis)")
+        say(f"redis: nothing answered at {url}; started a private {executable} on port {port}"
+            " (password in .unroll/redis-password, data in .unroll/redis)")
 
     def _ray(self, env: dict[str, str]) -> tuple[str, int]:
         temp = ray_temp_dir(self.root)

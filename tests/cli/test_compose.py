@@ -120,7 +120,8 @@ def test_database_url_points_at_the_postgres_service(services):
     for name in ("migrate", "api", "dispatcher"):
         url = services[name]["environment"]["UNROLL_DATABASE_URL"]
         assert url.startswith("postgresql://") and "@postgres:5432/" in url, name
-        assert services[name]["environment"]["UNROLL_REDIS_URL"].startswith("redis://redis:6379")
+        redis_url = services[name]["environment"]["UNROLL_REDIS_URL"]
+        assert redis_url.startswith("redis://:${REDIS_PASSWORD:?") and redis_url.endswith("@redis:6379/0"), name
 
 
 def test_health_checks_and_dependencies(services):
@@ -160,6 +161,9 @@ def test_gpu_worker_api_replicas_and_persistence(compose, services):
     assert services["api"]["deploy"]["replicas"] == 2
     redis_command = services["redis"]["command"]
     assert redis_command[redis_command.index("--appendonly") + 1] == "yes"
+    # Redis asks for the password the services' URLs carry, and its health check uses it.
+    assert redis_command[redis_command.index("--requirepass") + 1].startswith("${REDIS_PASSWORD:?")
+    assert services["redis"]["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
     assert any(v.split(":")[1] == "/var/lib/postgresql/data" for v in services["postgres"]["volumes"])
     assert any(v.split(":")[1] == "/data" for v in services["redis"]["volumes"])
     assert {"postgres", "redis", "artifacts"} <= set(compose["volumes"])

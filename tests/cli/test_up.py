@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 try:
     import mlflow  # noqa: F401
@@ -242,6 +244,13 @@ def test_fresh_clone_make_up_runs_a_job_from_the_cli_and_sigterm_leaves_nothing(
         assert (folder / ".unroll" / "token").stat().st_mode & 0o777 == 0o600
         assert json.loads((folder / ".unroll" / "client.json").read_text()) == {"url": up.url, "token": token}
         assert "started a private" in out  # nothing answered at UNROLL_REDIS_URL
+        # The private Redis asks for a password of the folder's own, never printed.
+        password = (folder / ".unroll" / "redis-password").read_text().strip()
+        assert (folder / ".unroll" / "redis-password").stat().st_mode & 0o777 == 0o600 and password not in out
+        redis_port = int(re.search(r"started a private \S+ on port (\d+)", out).group(1))
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=redis_port, socket_timeout=5).ping()
+        assert redis.Redis(port=redis_port, password=password, socket_timeout=5).ping()
 
         submitted = cli(folder, "submit", "long.yaml")
         assert submitted.returncode == 0, submitted.stderr
