@@ -35,7 +35,7 @@ import psycopg  # noqa: E402
 
 from service.cli.client import Client  # noqa: E402
 from service.store.db.migrate import upgrade  # noqa: E402
-from service.cli.up import ray_token_env  # noqa: E402
+from service.cli.machine import ray_token_env  # noqa: E402
 
 RUN_TAG = f"bench-{secrets.token_hex(3)}"
 TINY = {

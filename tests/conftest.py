@@ -52,7 +52,7 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     import tempfile
 
-    from service.cli.up import ray_token_env
+    from service.cli.machine import ray_token_env
 
     os.environ.update(ray_token_env(Path(tempfile.mkdtemp(prefix="unroll-tests-ray-")) / "auth_token"))
 

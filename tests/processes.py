@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from service.cli.up import free_port  # the one free-port helper (unroll up uses it too)
+from service.cli.machine import free_port  # the one free-port helper (unroll up uses it too)
 
 __all__ = ["POSTGRES_ADMIN_URL", "create_postgres_database", "drop_postgres_database", "free_port",
            "listening", "postgres_database", "ray_head"]

@@ -29,7 +29,8 @@ try:
 except ImportError:
     mlflow = None
 
-from service.cli.up import MARKER, find_redis_server, ray_temp_dir
+from service.cli.machine import find_redis_server
+from service.cli.up import MARKER, ray_temp_dir
 from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -334,7 +335,7 @@ def test_a_free_port_is_never_one_already_handed_out(monkeypatch):
     """`unroll up` picks ports for Redis and Ray's parts before the API binds its own: the OS
     may offer the API's port (or one just picked) again. Seen once here: Ray's client server
     took the API's port and `unroll up` stopped."""
-    from service.cli import up as up_module
+    from service.cli import machine, up as up_module
 
     offered = iter([45627, 45627, 40001, 40001, 40002])
 
@@ -351,7 +352,7 @@ def test_a_free_port_is_never_one_already_handed_out(monkeypatch):
         def getsockname(self):
             return ("127.0.0.1", self.port)
 
-    monkeypatch.setattr(up_module.socket, "socket", FakeSocket)
+    monkeypatch.setattr(machine.socket, "socket", FakeSocket)
     runner = up_module.Up(port=45627)
-    assert [up_module.free_port(runner.ports) for _ in range(2)] == [40001, 40002]
+    assert [machine.free_port(runner.ports) for _ in range(2)] == [40001, 40002]
     assert runner.ports == {45627, 40001, 40002}
