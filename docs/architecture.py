@@ -1,7 +1,5 @@
-"""Draw the layers of docs/architecture.md from the real import graph.
-
-    python docs/architecture.py          # rewrite the diagram in docs/architecture.md
-    python docs/architecture.py --check  # exit 1 if the diagram is out of date (make test runs it)
+"""The layers of docs/architecture.md, drawn from the real import graph (docs/generated.py
+puts the drawing in the page).
 
 Each box is a group of modules (a layer, or a package inside one); an arrow A --> B means
 some module of A imports some module of B. The groups are listed below; a module belongs
@@ -11,15 +9,12 @@ only when a dependency between groups appears or goes.)
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import grimp
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "architecture.md"
-BEGIN, END = "<!-- import-graph:begin -->", "<!-- import-graph:end -->"
 
 # (group, what it is), top layer first.
 GROUPS = [
@@ -57,28 +52,3 @@ def mermaid() -> str:
     lines += [f"    {ids[a]} --> {ids[b]}" for a, b in sorted(edges())]
     lines.append("```")
     return "\n".join(lines)
-
-
-def render(text: str) -> str:
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{mermaid()}\n{END}{tail}"
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if docs/architecture.md is out of date")
-    args = parser.parse_args()
-    current = DOC.read_text()
-    fresh = render(current)
-    if args.check:
-        if fresh != current:
-            print("docs/architecture.md: the import graph changed; run python docs/architecture.py", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(fresh)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Limits on what a caller may ask for, each named once and used by every door (HTTP,
-sweeps and the command line), and rendered into docs/operations.md by
-`python -m service.store.limits --write` (make test fails when the page is out of date).
+sweeps and the command line), and rendered into docs/operations.md by docs/generated.py
+(make test fails when the page is out of date).
 
 `FIELDS` bounds the numbers of a job configuration (SPEC §2) beyond what the schema
 itself says: the schema says what is meaningful, these say what one job of a shared
@@ -10,12 +10,9 @@ of {field: bound}, e.g. `UNROLL_LIMITS='{"model.num_layers": 64}'`.
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 # A token works at most this long after it is created (an expiry is a number a caller sends).
@@ -103,37 +100,9 @@ def _number(value: float) -> str:
 
 # --- the docs ---------------------------------------------------------------------------------
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
-BEGIN, END = "<!-- limits:begin -->", "<!-- limits:end -->"
-
-
 def markdown() -> str:
     rows = ["| field | at most | at least | why |", "| --- | --- | --- | --- |"]
     rows += [f"| `{lim.field}` | {_number(lim.high)} | {_number(lim.low) if lim.low is not None else ''} | {lim.why} |" for lim in FIELDS]
     rows.append(f"| `resources.cpus`, `resources.gpus` | | | in steps of {RESOURCE_STEP:g} (Ray's) |")
     rows.append(f"| token lifetime | {MAX_TOKEN_LIFETIME_S // 86400:,} days | {MIN_TOKEN_LIFETIME_S} s | `--expires`, `expires_in_s` |")
     return "\n".join(rows)
-
-
-def render(text: str) -> str:
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{markdown()}\n{END}{tail}"
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description="Render the limits table into docs/operations.md")
-    parser.add_argument("--write", action="store_true", help="rewrite the table (default: exit 1 if it is out of date)")
-    args = parser.parse_args()
-    current = DOC.read_text()
-    if args.write:
-        DOC.write_text(render(current))
-        return 0
-    if render(current) != current:
-        print("docs/operations.md: the limits table is out of date; run python -m service.store.limits --write", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
