@@ -2,7 +2,8 @@
 
 Parameters, optimizer, schedule, grad scaler, RNG states, the data cursor, every stream's
 carried hidden state, autoclip history and counters, plus the config (as nanoGPT does), so
-a run stopped and resumed on CPU produces the same per-step losses bit for bit.
+a run stopped and resumed on CPU produces the same per-step losses bit for bit; and what
+inference needs without the data (trainer/artifact.py: vocabulary, normalisation, task).
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ from typing import Any, Protocol
 
 import torch
 
+from trainer import artifact
 from trainer.config import ConfigError, JobConfig, config_dict
+from trainer.data import Data
 
-FORMAT = 1
+# 2: the `inference` section. Format 1 checkpoints still resume (the section is rebuilt
+# from the data then), but cannot be loaded for inference.
+FORMAT = 2
+RESUMABLE_FORMATS = (1, 2)
 # Sections that define the trajectory: resuming with another value would not continue it.
 TRAJECTORY = ("model", "data", "tbptt", "clip", "optim")
 
@@ -28,9 +34,10 @@ class Stateful(Protocol):
 
 class Resumable(Protocol):
     """What a checkpoint holds the state of (trainer.loop.Trainer is one). Described here
-    rather than imported, so that checkpoints depend on nothing but the config."""
+    rather than imported, so that checkpoints depend on the config and the data, not the loop."""
 
     config: JobConfig
+    data: Data  # its vocabulary or normalisation go into the inference section
     device: torch.device  # where the carried state goes back to on restore
     model: Stateful
     optimizer: Stateful
@@ -80,11 +87,12 @@ def capture(trainer: Resumable) -> dict[str, Any]:
         "rng": rng,
         "cursor": _to_cpu(trainer.cursor.state_dict()),
         "counters": counters,
+        "inference": artifact.describe(trainer.config, trainer.data),
     }
 
 
 def restore(trainer: Resumable, state: dict[str, Any]) -> None:
-    if state.get("format") != FORMAT:
+    if state.get("format") not in RESUMABLE_FORMATS:
         raise ValueError(f"unsupported checkpoint format {state.get('format')!r}")
     trainer.model.load_state_dict(state["model"])
     trainer.optimizer.load_state_dict(state["optimizer"])

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from trainer.config import AddingData, ConfigError, RecallData, TextData, TimeseriesData
+from trainer.tokens import EOS, UNK, documents, tokenize  # noqa: F401 (EOS, tokenize: re-exported)
 
 IGNORE = -100  # target of a step without loss (F.cross_entropy's ignore_index)
 
@@ -93,18 +94,29 @@ class RecallStreams(Streams):
 
     def window(self, start: int, end: int) -> Window:
         lo = max(0, start - self.lag)
-        tokens = self._tokens(lo, end)
-        inputs = tokens[start - lo :]
-        targets = torch.full_like(inputs, IGNORE)
-        first_scored = max(start, self.lag)  # 0-based step t has a target when t >= lag
-        if first_scored < end:
-            targets[first_scored - start :] = tokens[first_scored - self.lag - lo : end - self.lag - lo]
-        scored = targets != IGNORE
-        starts = torch.zeros_like(scored)
-        return Window(inputs, targets, scored, starts)
+        return recall_window(self._tokens(lo, end), lo, start, self.lag)
 
     def aligned_starts(self) -> list[int] | None:
         return []
+
+
+def recall_window(tokens: torch.Tensor, lo: int, start: int, lag: int) -> Window:
+    """Steps [start, lo + len(tokens)) of recall streams, from their tokens since lo =
+    max(0, start - lag): the target of 0-based step t is the token of step t - lag."""
+    end = lo + len(tokens)
+    inputs = tokens[start - lo :]
+    targets = torch.full_like(inputs, IGNORE)
+    first_scored = max(start, lag)  # 0-based step t has a target when t >= lag
+    if first_scored < end:
+        targets[first_scored - start :] = tokens[first_scored - lag - lo : end - lag - lo]
+    scored = targets != IGNORE
+    return Window(inputs, targets, scored, torch.zeros_like(scored))
+
+
+def stream_count(steps: int, batch_size: int) -> int:
+    """How many streams a sequence of `steps` is cut into: batch_size, but each stream
+    has at least two steps."""
+    return max(1, min(batch_size, steps // 2))
 
 
 def _derive_seed(*parts) -> int:
@@ -143,32 +155,27 @@ def adding_streams(length: int, episodes: int, batch_size: int, seed: int, split
 
 # -- text -----------------------------------------------------------------------------
 
-UNK, EOS = "<unk>", "<eos>"
-
-
-def tokenize(text: str, tokenizer: str) -> list[str]:
-    """Characters, or whitespace-split words with an end-of-line token per line."""
-    if tokenizer == "char":
-        return list(text)
-    return [tok for line in text.splitlines() for tok in (*line.split(), EOS)]
-
-
 def _documents(text: str, separator: str, tokenizer: str) -> tuple[list[str], list[bool]]:
     tokens: list[str] = []
     starts: list[bool] = []
-    for doc in text.split(separator):
-        toks = tokenize(doc, tokenizer)
-        if toks:
-            starts.extend([True] + [False] * (len(toks) - 1))
-            tokens.extend(toks)
+    for toks, flags in documents([text], separator, tokenizer):  # the whole text, one block
+        tokens += toks
+        starts += flags
     return tokens, starts
+
+
+def next_token_targets(ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Each step's target: the next token, unless it starts a document (or is unknown:
+    the last step)."""
+    targets = torch.full_like(ids, IGNORE)
+    targets[:-1] = torch.where(starts[1:], IGNORE, ids[1:])  # no target across documents
+    return targets
 
 
 def _lm_streams(ids: torch.Tensor, starts: torch.Tensor, batch_size: int) -> Streams:
     """Next-token prediction inside documents, cut into B contiguous streams."""
-    targets = torch.full_like(ids, IGNORE)
-    targets[:-1] = torch.where(starts[1:], IGNORE, ids[1:])  # no target across documents
-    batch_size = max(1, min(batch_size, len(ids) // 2))
+    targets = next_token_targets(ids, starts)
+    batch_size = stream_count(len(ids), batch_size)
     steps = len(ids) // batch_size
     cut = lambda t: t[: steps * batch_size].view(batch_size, steps).t().contiguous()  # noqa: E731
     tgt = cut(targets)
@@ -221,18 +228,41 @@ def timeseries_streams(cfg: TimeseriesData, path: Path, batch_size: int):
     table = torch.tensor([[float(r[header.index(c)]) for c in columns + [cfg.target]] for r in body], dtype=torch.float32)
     n_train = int(len(table) * (1 - cfg.valid_fraction))
     mean, std = table[:n_train].mean(0), table[:n_train].std(0).clamp_min(1e-8)
-    table = (table - mean) / std
+    normalization = Normalization(list(columns), cfg.target, mean, std)
+    table = normalization.apply(table)
     task = Task(vocab=None, features=len(columns), classes=None, metric="mse")
-    return task, _forecast_streams(table[:n_train], batch_size), _forecast_streams(table[n_train:], batch_size)
+    return task, _forecast_streams(table[:n_train], batch_size), _forecast_streams(table[n_train:], batch_size), normalization
 
 
-def _forecast_streams(table: torch.Tensor, batch_size: int) -> Streams:
+@dataclass(frozen=True)
+class Normalization:
+    """The z-scoring of a time series, with the train split's statistics: `mean` and `std`
+    hold one value per input column and, last, the target's."""
+
+    columns: list[str]
+    target: str
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def apply(self, table: torch.Tensor) -> torch.Tensor:
+        """Rows of columns + [target], in original units, z-scored."""
+        return (table - self.mean) / self.std
+
+
+def forecast_rows(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, targets, scored) of z-scored rows: a row's target is the next row's target
+    value (the last row has none)."""
     inputs, target = table[:, :-1], table[:, -1]
     targets = torch.zeros_like(target)
     targets[:-1] = target[1:]
     scored = torch.ones_like(target, dtype=torch.bool)
     scored[-1] = False
-    batch_size = max(1, min(batch_size, len(table) // 2))
+    return inputs, targets, scored
+
+
+def _forecast_streams(table: torch.Tensor, batch_size: int) -> Streams:
+    inputs, targets, scored = forecast_rows(table)
+    batch_size = stream_count(len(table), batch_size)
     steps = len(table) // batch_size
     n = steps * batch_size
 
@@ -257,7 +287,8 @@ class Data:
     task: Task
     train: Streams
     valid: Streams
-    vocab: list[str] | None = None
+    vocab: list[str] | None = None  # text: the tokens, by id (id 0 is UNK)
+    normalization: Normalization | None = None  # timeseries: what z-scoring used
 
 
 def load_data(cfg, seed: int, resolve: Callable[[str], Path] | None = None) -> Data:
@@ -285,8 +316,8 @@ def load_data(cfg, seed: int, resolve: Callable[[str], Path] | None = None) -> D
     if isinstance(cfg, TimeseriesData):
         if not path.is_file():
             raise ConfigError([("data.path", f"no such file: {path}")])
-        task, train, valid = timeseries_streams(cfg, path, cfg.batch_size)
-        return Data(task, train, valid)
+        task, train, valid, normalization = timeseries_streams(cfg, path, cfg.batch_size)
+        return Data(task, train, valid, normalization=normalization)
     raise TypeError(f"unknown data config {type(cfg).__name__}")
 
 

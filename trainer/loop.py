@@ -24,7 +24,7 @@ from trainer.config import ConfigError, JobConfig, config_dict, parse_config
 from trainer.data import Data, Streams, Window, load_data
 from trainer.models import RNNModel, State, count_parameters
 from trainer.optim import Schedule, build_optimizer
-from trainer.tbptt import Plan, Runner, detach, evaluate, map_state, plan_update
+from trainer.tbptt import Plan, Runner, detach, evaluate, evaluation_metrics, map_state, plan_update, runner_for
 
 
 class Callback:
@@ -181,7 +181,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
         self.window_rng = torch.Generator().manual_seed(config.train.seed)
         tb = config.tbptt
-        self.runner = Runner(self.model, tb.reset_on == "document", tb.checkpoint_every, self._autocast)
+        self.runner = runner_for(self.model, config, device)
         self.streams = data.train
         if sync is not None:
             sync.attach(self)  # this rank's streams, rank 0's parameters
@@ -190,19 +190,6 @@ class Trainer:
         self._full_bounds = self._full_mode_bounds() if tb.mode == "full" else None
 
     # -- the window -------------------------------------------------------------------
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        precision = self.config.train.precision
-        if precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        stack = contextlib.ExitStack()
-        if self.device.type == "cpu":
-            # oneDNN has no reduced-precision LSTM primitive on most CPUs; ATen's kernel
-            # runs the recurrence in fp32 while autocast lowers the other layers.
-            stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
-        stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
-        return stack
 
     def _full_mode_bounds(self) -> list[int]:
         if self.config.tbptt.reset_on != "document":
@@ -335,17 +322,8 @@ class Trainer:
             result = self.sync.evaluate(self.runner, self.data.valid, self.device)
         else:
             result = evaluate(self.runner, self.data.valid, self.device)
-        loss, task = result["loss"], self.data.task
-        metrics = {"valid/loss": loss}
-        if task.metric == "accuracy":
-            metrics["valid/accuracy"] = result["correct"]
-        elif task.metric == "ppl":
-            metrics["valid/ppl"] = math.exp(loss) if loss < 700 else math.inf
-            if task.bits_per_char:
-                metrics["valid/bpc"] = loss / math.log(2)
-        else:
-            metrics["valid/mse"] = loss
-        self.schedule.observe(loss)
+        metrics = evaluation_metrics(self.data.task, result)
+        self.schedule.observe(result["loss"])
         return {k: finite_or_none(v) for k, v in metrics.items()}
 
     def done(self) -> bool:

@@ -24,6 +24,7 @@ cut only where a document starts, where the kept state must be captured, and eve
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainer.data import IGNORE, Streams, Window
+from trainer.config import JobConfig
+from trainer.data import IGNORE, Streams, Task, Window
 from trainer.models import RNNModel, State
 
 
@@ -167,6 +169,30 @@ class Runner:
         return (None, None) if self.model.cell == "lstm" else None
 
 
+def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """The mixed-precision context of `train.precision` on a device."""
+
+    def enter() -> contextlib.AbstractContextManager:
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        stack = contextlib.ExitStack()
+        if device.type == "cpu":
+            # oneDNN has no reduced-precision LSTM primitive on most CPUs; ATen's kernel
+            # runs the recurrence in fp32 while autocast lowers the other layers.
+            stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+        stack.enter_context(torch.autocast(device.type, dtype=dtype))
+        return stack
+
+    return enter
+
+
+def runner_for(model: RNNModel, config: JobConfig, device: torch.device) -> Runner:
+    """The runner of a job: training's, and so that of every evaluation of its model."""
+    tb = config.tbptt
+    return Runner(model, tb.reset_on == "document", tb.checkpoint_every, autocast_for(config.train.precision, device))
+
+
 def loss_sum(pred: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
     """Summed loss over scored steps: cross-entropy for classes, squared error for values."""
     pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # fp16/bf16 losses in fp32
@@ -205,3 +231,18 @@ def evaluate(runner: Runner, streams: Streams, device: torch.device, chunk: int 
     finally:
         model.train(was_training)
     return {"loss": loss / max(count, 1), "correct": correct / max(count, 1), "count": count}
+
+
+def evaluation_metrics(task: Task, result: dict[str, float]) -> dict[str, float]:
+    """`valid/...` metrics (SPEC §3) of an `evaluate` result."""
+    loss = result["loss"]
+    metrics = {"valid/loss": loss}
+    if task.metric == "accuracy":
+        metrics["valid/accuracy"] = result["correct"]
+    elif task.metric == "ppl":
+        metrics["valid/ppl"] = math.exp(loss) if loss < 700 else math.inf
+        if task.bits_per_char:
+            metrics["valid/bpc"] = loss / math.log(2)
+    else:
+        metrics["valid/mse"] = loss
+    return metrics
