@@ -271,6 +271,8 @@ def main() -> int:
             "UNROLL_REDIS_PREFIX": prefix,
             "UNROLL_ARTIFACTS": str(workdir / "artifacts"),
             "UNROLL_MAX_QUEUED_PER_PROJECT": str(10**9),
+            # One project is the whole load here: its concurrency is what is measured.
+            "UNROLL_MAX_REQUESTS_PER_PROJECT": "0",
             "UNROLL_DB_POOL_SIZE": "15",
             "UNROLL_DB_MAX_OVERFLOW": "0",
             "BARE_DSN": sa.make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False),

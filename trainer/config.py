@@ -176,6 +176,9 @@ class TrainConfig(Section):
     # Stop after this many seconds of training, counted across resumes (the run's own
     # clock, not time spent queued): a final checkpoint, then `stopped: time limit`.
     max_wall_s: float | None = Field(None, gt=0)
+    # Checkpoints kept per job: after each new one, all but the newest N are deleted (the
+    # newest, which a resume starts from, always stays).
+    keep_checkpoints: int = Field(3, ge=1)
 
     @model_validator(mode="after")
     def _one_budget(self) -> "TrainConfig":
@@ -348,3 +351,30 @@ def parameter_count(config: JobConfig, vocab: int | None = None) -> int:
     if tokens and not m.tie_weights:
         total += vocab * m.embedding_dim
     return total
+
+
+# What trainer.data builds, in bytes, per element or per byte of a source file (the
+# largest moment of its construction, temporaries included):
+# adding: values, markers (float32), inputs (2 x float32), targets (float32), scored and
+# starts (bool), and the sum's temporary: 26 bytes per step of each episode, rounded up.
+ADDING_BYTES_PER_STEP = 32
+# recall: tokens generated on demand, four chunks of 4096 steps kept (int64), plus a window.
+RECALL_CACHED_STEPS = 5 * 4096
+# text and timeseries read the whole file into Python strings and lists (a token or a CSV
+# field is a Python object) before the tensors. Measured peak growth per byte of file
+# (tests/trainer/test_data_bytes.py): 55 (characters), 23 (words), 19 (CSV); with margin:
+FILE_BYTES_FACTOR = 96
+
+
+def data_bytes(config: JobConfig, source_bytes: int | None = None) -> int | None:
+    """The memory a job's data takes on the worker, estimated from its config and, for
+    file data, the size of its files (`source_bytes`, train and validation together);
+    None when a file's size is not known."""
+    data = config.data
+    if data.kind == "adding":
+        return ADDING_BYTES_PER_STEP * data.length * (data.episodes + data.valid_episodes)
+    if data.kind == "recall":
+        return 8 * data.batch_size * (RECALL_CACHED_STEPS + data.lag + config.tbptt.k1 + (config.tbptt.k2 or config.tbptt.k1))
+    if source_bytes is None:
+        return None
+    return FILE_BYTES_FACTOR * source_bytes

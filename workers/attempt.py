@@ -4,14 +4,22 @@ the attempt reads before training, and how its outcome is written.
 
 Everything the attempt needs is passed in explicitly (`AttemptSpec`): a Ray worker does not
 share the dispatcher's environment. The outcome is written by the attempt itself, fenced
-by its number; what it cannot decide (a crash, a lost node) is left to the dispatcher,
-which sees the Ray task fail, or to the lease, which expires.
+by its number (its `state` event is published by that commit: workers.reporter); what it
+cannot decide (a crash, a lost node) is left to the dispatcher, which sees the Ray task
+fail, or to the lease, which expires.
+
+An attempt that reserves no GPU (`resources.gpus: 0`) sees none (`gpus_as_reserved`):
+Ray no longer hides GPUs from tasks that reserve none, and a job on a GPU that Ray gave to
+another would take its memory and time.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -67,6 +75,35 @@ class ParameterCap(Callback):
 def service_checks(spec: AttemptSpec) -> tuple[Callback, ...]:
     """The callbacks every attempt runs before its own: the service's rules on the built model."""
     return (ParameterCap(spec.max_params),) if spec.max_params is not None else ()
+
+
+# Where a process looks for GPUs: CUDA's list of visible devices, and how torch counts them
+# before CUDA is initialised (by NVML, honouring that list, so asking initialises nothing).
+HIDDEN_GPUS = {"CUDA_VISIBLE_DEVICES": "", "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+
+
+@contextmanager
+def gpus_as_reserved(config: JobConfig) -> Iterator[JobConfig]:
+    """Run an attempt with the GPUs it reserved, and no other. With `resources.gpus: 0`
+    this process's GPUs are hidden until the attempt ends (then restored: Ray reuses the
+    process for later tasks, which may reserve GPUs), and `train.device: auto` means cpu.
+    Hiding happens before anything asks torch about CUDA, and never initialises CUDA, so a
+    later task of this process still finds the GPUs Ray gives it. Yields the config to train."""
+    if config.resources.gpus > 0:
+        yield config
+        return
+    saved = {name: os.environ.get(name) for name in HIDDEN_GPUS}
+    os.environ.update(HIDDEN_GPUS)
+    try:
+        if config.train.device == "auto":
+            config = config.model_copy(update={"train": config.train.model_copy(update={"device": "cpu"})})
+        yield config
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @lru_cache(maxsize=4)
@@ -133,9 +170,8 @@ def _raise(exc: Exception) -> Callable[[], Summary]:
 
 
 def train_attempt(reporter: JobReporter, train: Callable[[], Summary]) -> str:
-    """Announce the attempt, train, and write its outcome (fenced by its number)."""
-    attempt = reporter.attempt
-    attempt.publish({"type": "state", "state": "running", "attempt": attempt.number, "worker": attempt.worker})
+    """Train, and write the attempt's outcome (fenced by its number). Its claim announced
+    it already (the dispatcher's `running` event)."""
     try:
         summary = train()
     except JOB_ERRORS as exc:
@@ -176,5 +212,4 @@ def _finish(reporter: JobReporter, state: JobState, *, error: str | None = None,
         return "stale"
     if not finished or not finished[0]:
         return "stale"
-    attempt.publish({"type": "state", "state": state.value, "attempt": attempt.number, "error": error})
     return state.value

@@ -34,7 +34,7 @@ from service.store.db import repo
 from trainer.config import JobConfig
 from trainer.distributed import GroupCallbacks, Sync
 from trainer.loop import Callback, Summary, fit
-from workers.attempt import JOB_ERRORS, AttemptSpec, open_attempt, service_checks, sessions_for, train_attempt
+from workers.attempt import JOB_ERRORS, AttemptSpec, gpus_as_reserved, open_attempt, service_checks, sessions_for, train_attempt
 from workers.reporter import JobReporter
 
 MAX_RESTARTS = 2  # group restarts inside one attempt before the attempt itself fails
@@ -92,16 +92,18 @@ class JobSink:
 
 
 def _rank_main(loop_config: dict[str, Any]) -> None:
-    """Ray Train's train_loop_per_worker: the process group is up when this starts."""
-    if torch.cuda.is_available():
-        import ray.train.torch
+    """Ray Train's train_loop_per_worker: the process group is up when this starts. A rank
+    that reserves no GPU sees none (workers.attempt.gpus_as_reserved)."""
+    with gpus_as_reserved(loop_config["config"]) as config:
+        if torch.cuda.is_available():
+            import ray.train.torch
 
-        torch.cuda.set_device(ray.train.torch.get_device())
-    torch.set_num_threads(max(1, int(loop_config["threads"])))
-    sync = Sync()
-    train = RankTrainer(loop_config["config"], sync, tuple(loop_config.get("extra", ())))
-    sink: Sink = loop_config["sink"]
-    (sink.train_rank0 if sync.rank == 0 else sink.train_other)(train)
+            torch.cuda.set_device(ray.train.torch.get_device())
+        torch.set_num_threads(max(1, int(loop_config["threads"])))
+        sync = Sync()
+        train = RankTrainer(config, sync, tuple(loop_config.get("extra", ())))
+        sink: Sink = loop_config["sink"]
+        (sink.train_rank0 if sync.rank == 0 else sink.train_other)(train)
 
 
 def train_group(

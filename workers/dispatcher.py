@@ -21,6 +21,10 @@ used up; a reconciler re-enqueues every due queued job that the queue does not h
 a Redis flush or restart); cancel requests an attempt ignores past a grace period are
 enforced by killing its task; and a heartbeat in Redis tells `/readyz` that Ray answers.
 
+Every transition the dispatcher commits (a claim, a requeue, a failure out of attempts, a
+forced cancel, an unplaceable job, a hand-back) reaches the job's event stream from its
+sessions' outbox (service.store.db.outbox), a claim before its attempt starts.
+
 Why Ray tasks, not one actor per job: a job needs no state between calls, and Ray reuses
 a task's worker process, which keeps torch and the engine imported; creating an actor
 costs a fresh process (2–3 s here), which would cap throughput at well under one tiny job
@@ -48,10 +52,12 @@ from workers.ray_auth import use_ray_token
 use_ray_token()  # before `import ray`: Ray reads RAY_AUTH_MODE when it is imported
 
 import ray  # noqa: E402
+import redis
 import redis.asyncio as aioredis
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.store.db import repo, states
+from service.store import events
+from service.store.db import outbox, repo, states
 from service.store.db.base import utcnow
 from service.store.db.errors import DatabaseUnavailable, NotFound
 from service.store.db.models import JobState
@@ -61,6 +67,7 @@ from service.store.queue import JobQueue
 from service.store.settings import Settings, get_settings
 from trainer.config import ResourcesConfig, parse_config
 from workers.attempt import AttemptSpec
+from workers.fairness import FairShare
 from workers.metrics import DispatcherMetrics
 from workers.runner import run_attempt, warm_up
 
@@ -143,7 +150,13 @@ class Dispatcher:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.prefix = prefix = self.settings.redis_prefix
         self.keys = Keys(prefix)
-        self.sessions: sessionmaker[Session] = sessionmaker(make_engine(self.settings.database_url), expire_on_commit=False)
+        # Every transition this process commits is published to its job's event stream at
+        # commit (service.store.db.outbox), from the thread that committed it.
+        self.events_redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        publisher = events.Publisher(self.events_redis, prefix)
+        self.sessions: sessionmaker[Session] = sessionmaker(
+            make_engine(self.settings.database_url), expire_on_commit=False, info=outbox.publishing(publisher)
+        )
         self.redis = aioredis.Redis.from_url(self.settings.redis_url)
         self.queue = JobQueue(self.redis, prefix)
         self.running: dict[str, Running] = {}
@@ -155,6 +168,7 @@ class Dispatcher:
         self._released: collections.deque[tuple[float, float, float]] = collections.deque()
         self._cluster_view = ClusterView([], {}, 0.0)
         self.metrics = DispatcherMetrics()
+        self.fair = FairShare(self.db)
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -191,6 +205,7 @@ class Dispatcher:
         await self._hand_back()
         await self.redis.delete(self.keys.dispatcher_heartbeat(self.name))
         await self.redis.aclose()
+        self.events_redis.close()
 
     async def _dispatch_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -198,7 +213,16 @@ class Dispatcher:
                 if not (await self.free()).get("CPU", 0.0) > 1e-9 and self.running:
                     await self._wait_for_capacity()  # nothing could start: take no message
                     continue
-                job_id = await self.queue.dequeue(self.name, lease_s=self.settings.lease_seconds, block_s=1.0)
+                await self.fair.refresh((await asyncio.to_thread(self._cluster)).totals)
+                holding = self.fair.holding()
+                job_id = await self.queue.dequeue(
+                    self.name,
+                    lease_s=self.settings.lease_seconds,
+                    # While projects are held back, look again soon: one of their jobs may end.
+                    block_s=0.25 if holding else 1.0,
+                    shares=self.fair.shares,
+                    held=holding,
+                )
                 if job_id is not None:
                     await self.place_or_fail(job_id)
             except asyncio.CancelledError:
@@ -251,6 +275,12 @@ class Dispatcher:
             await self._wait_for_capacity()
             return
         needs = job["needs"]
+        cpus, gpus = needs.cpus * needs.workers, needs.gpus * needs.workers
+        over = self.fair.check(job["project_id"], cpus, gpus)
+        if over is not None:  # its project is back in the queue's choice after the next read
+            await self._set_reason(job_id, over)
+            await self.queue.release(job_id, self.name, job["priority"])
+            return
         totals = (await asyncio.to_thread(self._cluster)).nodes
         if not needs.fits_nodes(totals):
             biggest = max(totals, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
@@ -267,6 +297,7 @@ class Dispatcher:
             await self.queue.ack(job_id, self.name)
             return
         self.pending_reasons.pop(job_id, None)
+        self.fair.started(job["project_id"], cpus, gpus)
         spec = AttemptSpec(
             job_id=job_id, attempt=attempt, worker=self.name, database_url=self.settings.database_url,
             redis_url=self.settings.redis_url, artifacts=self.settings.artifacts,
@@ -339,6 +370,7 @@ class Dispatcher:
         finally:
             self.running.pop(run.job_id, None)
             self._released.append((time.monotonic(), run.needs.cpus * run.needs.workers, run.needs.gpus * run.needs.workers))
+            self.fair.stale()
             self._capacity.set()
 
     async def _requeue(self, job_id: str, attempt: int, reason: str, *, require_expired: bool) -> JobState | None:
@@ -374,6 +406,7 @@ class Dispatcher:
         if time.monotonic() - self._last_reconcile >= RECONCILE_EVERY_S:
             self._last_reconcile = time.monotonic()
             await self.reconcile()
+            self.fair.resay()
         await self._heartbeat()
 
     async def reconcile(self) -> int:
@@ -381,8 +414,8 @@ class Dispatcher:
         due = await self.db(repo.dispatchable_jobs)
         if not due:
             return 0
-        held = await self.queue.contains_many([job_id for job_id, _ in due])
-        missing = [(job_id, priority) for (job_id, priority), has in zip(due, held) if not has]
+        held = await self.queue.contains_many([job[0] for job in due])
+        missing = [job for job, has in zip(due, held) if not has]
         if missing:
             await self.queue.enqueue_many(missing)
             log.info("reconciler re-enqueued %d queued jobs", len(missing))
@@ -424,6 +457,7 @@ def _brief(session: Session, job_id: str) -> dict[str, Any]:
         "claimable": claimable,
         "sweep_full": sweep_full,
         "priority": job.priority,
+        "project_id": job.project_id,
         # The stored config was validated at submission: its typed resources, with the
         # trainer's own defaults, say what the attempt reserves.
         "needs": Needs.of(parse_config(job.config).resources) if claimable else None,

@@ -2,17 +2,29 @@
 
 Nothing here runs in the training loop's hot path but appending to a buffer: a background
 thread flushes metrics and log lines in batches (every second, and at the end), records
-progress, renews the attempt's lease, writes checkpoints, and polls for cancellation.
+progress, renews the attempt's lease, writes checkpoints (deleting those past
+`train.keep_checkpoints`), and polls for cancellation.
 Every write is fenced by the attempt number; the first refused write marks the attempt
 stale and stops it, and from then on it writes nothing at all.
+
+Live events: each flush adds what it wrote to its transaction's outbox
+(service.store.db.outbox), so they reach the job's event stream when it commits, and never
+for a refused or failed write: `log` (the lines as stored), `metrics` (the latest value of
+each series, at most one event every METRICS_EVENT_EVERY_S) and `progress`. The last flush
+commits with the attempt's outcome, so its events come before the final `state` event.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable
 
 import redis
@@ -20,9 +32,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.store import events
 from service.store.artifacts import ArtifactStore, Stored
-from service.store.db import repo, states
+from service.store.db import outbox, repo, states
+from service.store.db.base import utcnow
 from service.store.db.errors import StaleAttempt
-from service.store.keys import Keys
 from trainer import checkpoint as ckpt
 from trainer.loop import Callback, Summary
 
@@ -31,6 +43,9 @@ log = logging.getLogger("unroll.worker")
 FLUSH_EVERY_S = 1.0
 CANCEL_POLL_S = 0.25
 LOG_PROGRESS_EVERY_S = 10.0
+# Live events: at most one `metrics` event this often; at most this many lines per `log` event.
+METRICS_EVENT_EVERY_S = 0.5
+LOG_EVENT_LINES = 100
 
 
 @dataclass(frozen=True)
@@ -46,14 +61,49 @@ class Attempt:
     prefix: str
     lease_seconds: float
 
-    def publish(self, event: dict[str, Any]) -> None:
-        """Best effort: events are a live view; the database holds the record."""
-        if self.redis is None:
-            return
-        try:
-            self.redis.publish(Keys(self.prefix).job_events(self.job_id), events.encode(self.job_id, event))
-        except redis.RedisError as exc:
-            log.debug("event not published: %s", exc)
+    @cached_property
+    def _outbox(self) -> dict[str, Any]:
+        # One publisher per attempt (it remembers when Redis failed); none without Redis.
+        return outbox.publishing(events.Publisher(self.redis, self.prefix)) if self.redis is not None else {}
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session in one transaction whose events (the job's transitions, the flush's
+        live events) are published to the job's event stream when it commits."""
+        with self.sessions(info=self._outbox) as session, session.begin():
+            yield session
+
+
+class LiveMetrics:
+    """What the next `metrics` event says: the latest point of each series since the last
+    one, due at most every `every_s` (a flush may come every CANCEL_POLL_S while
+    checkpoints are written) or at the attempt's end."""
+
+    def __init__(self, every_s: float = METRICS_EVENT_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s, self.clock = every_s, clock
+        self._latest: dict[str, tuple[int, float | None]] = {}
+        self._sent_at = -math.inf
+
+    def add(self, points: Iterable[repo.MetricPoint]) -> None:
+        for point in points:
+            seen = self._latest.get(point.name)
+            if seen is None or point.step >= seen[0]:
+                self._latest[point.name] = (point.step, point.value)
+
+    def due(self, final: bool = False) -> dict[str, Any] | None:
+        """The event to send now, or None (nothing new, or the last one was too recent)."""
+        if not self._latest or (not final and self.clock() - self._sent_at < self.every_s):
+            return None
+        return {
+            "type": "metrics",
+            "step": max(step for step, _ in self._latest.values()),
+            "values": {name: value for name, (_, value) in self._latest.items()},
+            "steps": {name: step for name, (step, _) in self._latest.items()},
+        }
+
+    def sent(self) -> None:
+        self._latest.clear()
+        self._sent_at = self.clock()
 
 
 class AttemptStale(Exception):
@@ -68,9 +118,11 @@ class JobReporter(Callback):
         self._points: list[repo.MetricPoint] = []
         self._lines: list[repo.LogLine] = []
         self._checkpoints: list[tuple[int, dict[str, Any]]] = []
+        self.keep_checkpoints: int | None = None  # from the config, at the start (None: keep all)
         self._step = 0
         self._last_loss: float | None = None
         self._last_progress_log = 0.0
+        self._live = LiveMetrics()
         self.cancel_requested = False
         self.stale = False
         self._stop = threading.Event()
@@ -81,9 +133,11 @@ class JobReporter(Callback):
 
     def on_start(self, info: dict[str, Any]) -> None:
         self.max_steps = info["total_steps"]
+        self.keep_checkpoints = info["config"]["train"]["keep_checkpoints"]
         self._step = info["start_step"]
         resumed = f", resuming at step {info['start_step']}" if info["start_step"] else ""
-        self.log(f"attempt {self.attempt.number} on {self.attempt.worker}: {info['parameters']:,} parameters on {info['device']}{resumed}")
+        where = f"{info['device']}, pid {os.getpid()}"  # the process that runs it, for operators
+        self.log(f"attempt {self.attempt.number} on {self.attempt.worker}: {info['parameters']:,} parameters on {where}{resumed}")
 
     def on_update(self, step: int, metrics: dict[str, float | None]) -> None:
         now = time.time()
@@ -113,7 +167,7 @@ class JobReporter(Callback):
 
     def log(self, line: str, level: str = "info") -> None:
         with self._lock:
-            self._lines.append(repo.LogLine(line, level))
+            self._lines.append(repo.LogLine(line, level, utcnow()))  # its time as stored and as sent
 
     # -- the background thread ---------------------------------------------------------
 
@@ -137,7 +191,7 @@ class JobReporter(Callback):
     def _poll_cancel(self) -> None:
         a = self.attempt
         try:
-            with a.sessions.begin() as session:
+            with a.transaction() as session:
                 if states.is_cancel_requested(session, a.job_id, a.number) and not self.cancel_requested:
                     self.cancel_requested = True
                     self.log("cancel requested: stopping after this window")
@@ -146,7 +200,7 @@ class JobReporter(Callback):
 
     def _renew(self) -> None:
         a = self.attempt
-        with a.sessions.begin() as session:
+        with a.transaction() as session:
             if not states.renew_lease(session, a.job_id, a.number, a.worker, a.lease_seconds):
                 self._mark_stale()
 
@@ -172,11 +226,12 @@ class JobReporter(Callback):
             checkpoints, self._checkpoints = self._checkpoints, []
             step = self._step
         a = self.attempt
+        pruned: list[str] = []
         try:
             # Files first (named by attempt, so a refused or failed transaction leaves only
             # an unreferenced file); the database records them with the metrics.
             stored = [(step_, self._store_checkpoint(step_, state)) for step_, state in checkpoints]
-            with a.sessions.begin() as session:
+            with a.transaction() as session:
                 if points:
                     repo.insert_metrics(session, a.job_id, a.number, points)
                 if lines:
@@ -185,6 +240,9 @@ class JobReporter(Callback):
                     raise StaleAttempt(a.job_id, a.number)
                 for step_, file in stored:
                     repo.add_checkpoint(session, a.job_id, a.number, step=step_, uri=file.uri, bytes=file.bytes, sha256=file.sha256)
+                if stored and self.keep_checkpoints is not None:
+                    pruned = repo.prune_checkpoints(session, a.job_id, self.keep_checkpoints)
+                sends_metrics = self._announce(session, points, lines, step, final=then is not None)
                 if then is not None:
                     then(session)
         except StaleAttempt:
@@ -195,9 +253,29 @@ class JobReporter(Callback):
                 self._lines[:0] = lines
                 self._checkpoints[:0] = checkpoints
             raise
+        # The records of pruned checkpoints are committed as gone: now their files.
+        a.store.discard(pruned)
+        if sends_metrics:
+            self._live.sent()
+
+    def _announce(self, session: Session, points: list[repo.MetricPoint], lines: list[repo.LogLine], step: int, final: bool) -> bool:
+        """Add this flush's live events to its transaction's outbox (see the docstring).
+        Returns whether a metrics event is among them."""
+        a = self.attempt
+        for i in range(0, len(lines), LOG_EVENT_LINES):
+            shown = [
+                {"ts": line.ts.isoformat() if line.ts else None, "level": line.level, "line": line.line}
+                for line in lines[i : i + LOG_EVENT_LINES]
+            ]
+            outbox.add(session, a.job_id, {"type": "log", "attempt": a.number, "lines": shown})
+        self._live.add(points)
+        metrics = self._live.due(final)
+        if metrics is not None:
+            outbox.add(session, a.job_id, {**metrics, "attempt": a.number})
         if points:
             progress = step / self.max_steps if self.max_steps else None
-            a.publish({"type": "progress", "step": step, "max_steps": self.max_steps, "progress": progress, "loss": self._last_loss})
+            outbox.add(session, a.job_id, {"type": "progress", "attempt": a.number, "step": step, "max_steps": self.max_steps, "progress": progress, "loss": self._last_loss})
+        return metrics is not None
 
     def _store_checkpoint(self, step: int, state: dict[str, Any]) -> Stored:
         a = self.attempt

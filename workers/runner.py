@@ -5,7 +5,7 @@ task only drives it. What both share is in workers/attempt.py."""
 from __future__ import annotations
 
 from workers import tracking
-from workers.attempt import AttemptEnded, AttemptSpec, open_attempt, service_checks, train_attempt
+from workers.attempt import AttemptEnded, AttemptSpec, gpus_as_reserved, open_attempt, service_checks, train_attempt
 from workers.ddp import run_group_attempt
 from workers.reporter import JobReporter
 
@@ -21,18 +21,20 @@ def run_attempt(spec: AttemptSpec) -> str:
     """Run the attempt to its end; returns the state it wrote (or "stale").
 
     Raises for infrastructure failures (the dispatcher retries the job from its last
-    checkpoint); job errors end the job as failed here.
+    checkpoint); job errors end the job as failed here. An attempt without GPUs reserved
+    sees none while it runs (workers.attempt.gpus_as_reserved).
     """
     try:
         job = open_attempt(spec)
     except AttemptEnded as ended:
         return ended.outcome
-    if job.config.resources.workers > 1:
-        return run_group_attempt(spec, job.config)
-    resume = job.load_checkpoint()
-    reporter = JobReporter(job.attempt)
-    # fit, plus MLflow / TensorBoard when this node's environment asks for them
-    callbacks = [*service_checks(spec), reporter]
-    return train_attempt(
-        reporter, lambda: tracking.fit(spec.job_id, spec.attempt, job.config, callbacks, resume=resume, resolve=job.resolve)
-    )
+    with gpus_as_reserved(job.config) as config:
+        if config.resources.workers > 1:
+            return run_group_attempt(spec, config)
+        resume = job.load_checkpoint()
+        reporter = JobReporter(job.attempt)
+        # fit, plus MLflow / TensorBoard when this node's environment asks for them
+        callbacks = [*service_checks(spec), reporter]
+        return train_attempt(
+            reporter, lambda: tracking.fit(spec.job_id, spec.attempt, config, callbacks, resume=resume, resolve=job.resolve)
+        )

@@ -105,12 +105,15 @@ export async function download(path: string, filename: string): Promise<void> {
 export interface StreamEvent {
   event: string;
   data: Record<string, unknown>;
+  /** The last `id:` seen (the WHATWG "last event ID"): resume after it with Last-Event-ID. */
+  id?: string;
 }
 
 /** Split an SSE byte stream into events (the WHATWG rules that matter here: `event:`,
- *  multi-line `data:`, comments, CRLF or LF line ends). */
+ *  multi-line `data:`, `id:`, comments, CRLF or LF line ends). */
 export class SseParser {
   private buffer = "";
+  private lastId: string | undefined;
 
   push(chunk: string): StreamEvent[] {
     this.buffer += chunk.replace(/\r\n?/g, "\n");
@@ -128,10 +131,11 @@ export class SseParser {
         const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
         if (field === "event") event = value;
         else if (field === "data") data.push(value);
+        else if (field === "id") this.lastId = value;
       }
       if (!data.length) continue;
       try {
-        events.push({ event, data: JSON.parse(data.join("\n")) });
+        events.push({ event, data: JSON.parse(data.join("\n")), id: this.lastId });
       } catch {
         // not JSON: not one of ours
       }
@@ -140,9 +144,14 @@ export class SseParser {
   }
 }
 
-/** Read one event stream until it ends or `signal` aborts. Throws ApiError on an error answer. */
-export async function readEvents(path: string, onEvent: (e: StreamEvent) => void, signal: AbortSignal): Promise<void> {
-  const response = await fetch(path, { headers: headers({ Accept: "text/event-stream" }), signal, cache: "no-store" });
+/** Read one event stream until it ends or `signal` aborts, after `lastEventId` if given.
+ *  Throws ApiError on an error answer. */
+export async function readEvents(
+  path: string, onEvent: (e: StreamEvent) => void, signal: AbortSignal, lastEventId?: string,
+): Promise<void> {
+  const extra: Record<string, string> = { Accept: "text/event-stream" };
+  if (lastEventId !== undefined) extra["Last-Event-ID"] = lastEventId;
+  const response = await fetch(path, { headers: headers(extra), signal, cache: "no-store" });
   if (!response.ok) throw await failure(response);
   if (!response.body) return;
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -160,23 +169,33 @@ export async function readEvents(path: string, onEvent: (e: StreamEvent) => void
 
 const FINAL = new Set(["succeeded", "failed", "cancelled"]);
 
-/** Follow a job's events, reconnecting (with back-off) after a dropped connection until the
- *  job ends: the stream starts with a snapshot each time, so nothing is lost by reconnecting. */
+/** Follow a job's events until the job ends, across as many streams as that takes: the
+ *  server ends a stream after a while (`end`), and connections drop; each reconnection
+ *  sends the last event id (Last-Event-ID), so the next stream gives exactly what was
+ *  missed (or a fresh snapshot when that is no longer held). `end` reconnects at once;
+ *  errors with back-off. `end` and `error` are not passed on. */
 export async function followJob(jobId: string, onEvent: (e: StreamEvent) => void, signal: AbortSignal): Promise<void> {
   let delay = 500;
   let finished = false;
+  let lastId: string | undefined;
   while (!signal.aborted && !finished) {
+    let ended = false;
     try {
       await readEvents(`/v1/jobs/${encodeURIComponent(jobId)}/events`, (e) => {
         delay = 500;
+        if (e.id !== undefined) lastId = e.id;
+        if (e.event === "end") ended = true;
+        if (e.event === "end" || e.event === "error") return;
         if (e.event === "state" && FINAL.has(String(e.data.state))) finished = true;
         onEvent(e);
-      }, signal);
+      }, signal, lastId);
     } catch (error) {
       if (signal.aborted) return;
-      if (error instanceof ApiError && error.status !== 503) throw error; // 401, 404: retrying will not help
+      // 401, 404: retrying will not help; 429 (this project's streams are all open): it may
+      if (error instanceof ApiError && error.status !== 503 && error.status !== 429) throw error;
     }
     if (finished || signal.aborted) return;
+    if (ended) continue;
     await sleep(delay, signal);
     delay = Math.min(delay * 2, 10_000);
   }

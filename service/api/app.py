@@ -17,6 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import dashboard, errors
+from service.api.admission import ProjectAdmission
 from service.api.routes import admin, datasets, health, jobs, sweeps
 from service.api.metrics import LatencyMiddleware, Metrics
 from service.api.runtime import open_runtime
@@ -138,6 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.include_router(dashboard.router)  # after the API: GET / and the dashboard's deep links
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(ProjectAdmission, limit=settings.max_requests_per_project)
     app.add_middleware(LatencyMiddleware, metrics=metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

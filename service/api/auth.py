@@ -22,14 +22,18 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.api.errors import Unauthorized
 from service.store.db import repo
+from service.store.quotas import NO_QUOTA, Quota
 
 
 @dataclass(frozen=True)
 class Principal:
-    """A caller acting for one project."""
+    """A caller acting for one project, with the project's quota (cached with the token:
+    a quota change is announced like a revocation, and every API process forgets the
+    project's cached tokens)."""
 
     project_id: str
     token_id: str
+    quota: Quota = NO_QUOTA
 
 
 class TokenCache:
@@ -68,6 +72,11 @@ class TokenCache:
         """A revoked token (service.store.revocations): the next request asks the database."""
         self._entries.pop(token_hash, None)
 
+    def forget_project(self, project_id: str) -> None:
+        """The project's quota changed: its tokens are looked up again."""
+        for token_hash in [h for h, (p, _) in self._entries.items() if p.project_id == project_id]:
+            del self._entries[token_hash]
+
     def clear(self) -> None:
         self._entries.clear()
 
@@ -94,7 +103,8 @@ async def authenticate(
     async with sessions() as session, session.begin():
         row = await session.run_sync(repo.authenticate, token)
         if row is not None:
-            principal = Principal(project_id=row.project_id, token_id=row.id)
+            project = await session.run_sync(repo.get_project, row.project_id)
+            principal = Principal(project_id=row.project_id, token_id=row.id, quota=repo.quota_of(project))
             expires_at = row.expires_at
     if principal is None:
         if is_admin(token, admin_token):

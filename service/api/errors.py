@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.store.db.errors import DatabaseUnavailable, IllegalTransition, NotFound
+from service.store.db.errors import DatabaseUnavailable, IllegalTransition, InUse, NotFound
 from service.store.sweeps import InvalidGrid
 from trainer.config import ConfigError
 
@@ -53,10 +53,11 @@ _DESCRIPTIONS = {
     400: "Bad input (malformed JSON, bad cursor)",
     401: "No token, or an unknown, revoked or expired one",
     404: "Unknown object, or another project's",
+    408: "The client sent nothing for too long during an upload (UNROLL_UPLOAD_READ_TIMEOUT_S)",
     409: "The object is not in a state this action starts from",
     413: "Request body or upload too large",
     422: "Invalid input; `field` names the dotted path",
-    429: "Over the project's quota of queued jobs",
+    429: "Over a quota of the project (queued jobs, dataset storage)",
     503: "A dependency (database or Redis) is down",
 }
 
@@ -139,6 +140,7 @@ _HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "too_large",
     415: "unsupported_media_type",
@@ -206,6 +208,13 @@ async def _conflict(request: Request, exc: IllegalTransition) -> JSONResponse:
     return error_response(409, "conflict", f"job {exc.job_id!r} is {exc.current}; cannot {exc.wanted}")
 
 
+async def _in_use(request: Request, exc: InUse) -> JSONResponse:
+    return error_response(409, "conflict", (
+        f"{exc.kind} {exc.object_id!r} is in use by queued or running jobs ({', '.join(exc.users)}): wait for them to"
+        " end, or cancel them"
+    ))
+
+
 async def _database_down(request: Request, exc: DatabaseUnavailable) -> JSONResponse:
     log.warning("database unavailable: %s", exc)
     return error_response(503, "unavailable", "the database is unavailable", headers={"Retry-After": "5"})
@@ -229,6 +238,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(InvalidGrid, _grid_invalid)
     app.add_exception_handler(NotFound, _not_found)
     app.add_exception_handler(IllegalTransition, _conflict)
+    app.add_exception_handler(InUse, _in_use)
     app.add_exception_handler(DatabaseUnavailable, _database_down)
     app.add_exception_handler(redis_errors.ConnectionError, _redis_down)
     app.add_exception_handler(redis_errors.TimeoutError, _redis_down)

@@ -1,6 +1,8 @@
-"""What the API holds while it runs: the database engine and sessions, the Redis client,
-the dispatch queue, the artifact store and the small in-process caches. Built by the app's
-lifespan (``open_runtime``), closed when it ends; nothing here connects at import time."""
+"""What the API holds while it runs: the database engine and sessions (whose committed
+transitions publish their job events), the Redis client, the dispatch queue, the artifact
+store, the event streams (with a Redis pool of their own) and the small in-process caches.
+Built by the app's lifespan (``open_runtime``), closed when it ends; nothing here connects
+at import time."""
 
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ from service.api.auth import TokenCache
 from service.api.batching import Batcher
 from service.api.metrics import Metrics
 from service.api.quota import QueuedCounter
+from service.api.streams import Streams
 from service.api.submit import JobInserts
-from service.store import revocations
+from service.store import events, revocations
 from service.store.artifacts import ArtifactStore
-from service.store.db import repo
+from service.store.db import outbox, repo
 from service.store.db.session import (
     autocommit_session,
     make_async_engine,
@@ -52,13 +55,17 @@ class Runtime:
     quota: QueuedCounter
     metrics: Metrics
     inserts: JobInserts  # submissions, group-committed
-    enqueues: Batcher[tuple[str, int], bool]  # their queue writes, likewise
+    enqueues: Batcher[tuple[str, int, str], bool]  # their queue writes, likewise
+    # Job events of the transitions committed through `sessions` (service.store.db.outbox).
+    publisher: events.AsyncPublisher
+    # GET /v1/jobs/{id}/events: their own Redis pool, one reader for all, per-project slots.
+    streams: Streams
 
     def autocommit(self) -> AbstractAsyncContextManager[AsyncSession]:
         """service.store.db.session.autocommit_session on this runtime's engine."""
         return autocommit_session(self.engine)
 
-    async def enqueue_after_commit(self, jobs: list[tuple[str, int]]) -> None:
+    async def enqueue_after_commit(self, jobs: list[tuple[str, int, str]]) -> None:
         """The queue write after the database commit. The job exists either way: if Redis is
         down now, the reconciler re-enqueues queued jobs the queue lacks, so this only logs."""
         if not jobs:
@@ -73,10 +80,12 @@ class Runtime:
 
     def listen_for_revocations(self) -> asyncio.Task[None]:
         """Forget revoked tokens as they are announced (service.store.revocations)."""
-        return asyncio.create_task(revocations.listen(self.redis, self.keys, self.tokens.forget, self.tokens.clear))
+        return asyncio.create_task(revocations.listen(self.redis, self.keys, self.tokens.forget, self.tokens.clear, self.tokens.forget_project))
 
     async def close(self) -> None:
         await self.quota.close()
+        await self.streams.aclose()
+        await self.publisher.aclose()
         await self.redis.aclose()
         await self.engine.dispose()
 
@@ -102,10 +111,12 @@ def open_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         health_check_interval=30,
     )
     queue = JobQueue(redis, settings.redis_prefix)
+    publisher = events.AsyncPublisher(redis, settings.redis_prefix)
     return Runtime(
         settings=settings,
         engine=engine,
-        sessions=async_sessionmaker(engine, expire_on_commit=False),
+        # Every transition committed through these is published to its job's event stream.
+        sessions=async_sessionmaker(engine, expire_on_commit=False, info=outbox.publishing(publisher)),
         redis=redis,
         queue=queue,
         keys=Keys(settings.redis_prefix),
@@ -116,4 +127,6 @@ def open_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         metrics=metrics,
         inserts=JobInserts(engine),
         enqueues=Batcher(queue.enqueue_many, shared=lambda exc: isinstance(exc, (RedisError, OSError))),
+        publisher=publisher,
+        streams=Streams(settings),
     )

@@ -10,11 +10,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from service.store import limits
+from service.store import limits, quotas
 from service.store.db.base import unstorable
-from service.store.db.models import ApiToken, Attempt, Checkpoint, Dataset, Job, JobLog, JobState
+from service.store.db.models import ApiToken, Attempt, Checkpoint, Dataset, Job, JobLog, JobState, Project
 
 StateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -190,15 +190,16 @@ class SweepCreate(BaseModel):
     # At most this many of the sweep's jobs run at once (null: no limit).
     max_parallel: int | None = Field(None, ge=1, le=1_000_000)
 
-    @field_validator("base", "grid")
-    @classmethod
-    def _storable(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        # Stored as sent, also where a grid point overrides a value: every part of it must
-        # be something the database can hold (no NaN, infinity or NUL).
-        found = unstorable(value, info.field_name)
-        if found is not None:
-            raise ValueError(f"{found[0]}: {found[1]}")
-        return value
+    def unstorable(self) -> tuple[str, str] | None:
+        """(field, problem) where `base` or `grid` holds what the database cannot (NaN,
+        infinity, NUL): both are stored as sent, also where a grid point overrides a value.
+        Asked by the route after the grid's size (cheap) is checked, so that a huge grid
+        is refused before anything walks its values."""
+        for name in ("base", "grid"):
+            found = unstorable(getattr(self, name), name)
+            if found is not None:
+                return name, f"{found[0]}: {found[1]}"
+        return None
 
 
 class SweepJob(BaseModel):
@@ -348,6 +349,51 @@ class TokenPublic(BaseModel):
 
 class TokenList(BaseModel):
     tokens: list[TokenPublic]
+
+
+class QuotaUpdate(BaseModel):
+    """Bounds of a project's quota to set; a field sent as null goes back to the default,
+    a field left out is unchanged (service.store.quotas)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    max_running: int | None = Field(None, ge=0, le=quotas.MAX_RUNNING_BOUND, description="jobs running at once (0 pauses the project)")
+    max_cpus: float | None = Field(None, ge=0, le=quotas.MAX_RESOURCE_BOUND, description="CPUs its running jobs hold at once")
+    max_gpus: float | None = Field(None, ge=0, le=quotas.MAX_RESOURCE_BOUND, description="GPUs its running jobs hold at once")
+    max_priority: int | None = Field(None, ge=-(2**31), le=2**31 - 1, description="the highest priority its jobs may ask for")
+    max_queued: int | None = Field(None, ge=0, le=quotas.MAX_QUEUED_BOUND, description="jobs it may have queued")
+
+    def changes(self) -> dict[str, Any]:
+        return self.model_dump(exclude_unset=True)
+
+
+class ProjectPublic(BaseModel):
+    """A project, its quota (null: the deployment's default or no bound) and what it holds."""
+
+    id: str
+    name: str
+    created_at: datetime
+    max_running: int | None
+    max_cpus: float | None
+    max_gpus: float | None
+    max_priority: int | None
+    max_queued: int | None
+    running: int = 0
+    cpus: float = 0.0
+    gpus: float = 0.0
+    queued: int = 0
+
+    @classmethod
+    def of(cls, project: Project, usage: quotas.Usage, queued: int) -> ProjectPublic:
+        quota = {name: getattr(project, name) for name in quotas.Quota.names()}
+        return cls(
+            id=project.id, name=project.name, created_at=project.created_at, **quota,
+            running=usage.running, cpus=usage.cpus, gpus=usage.gpus, queued=queued,
+        )
+
+
+class ProjectList(BaseModel):
+    projects: list[ProjectPublic]
 
 
 # --- health -----------------------------------------------------------------------------------

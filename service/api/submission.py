@@ -19,15 +19,17 @@ from fastapi import Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api.errors import ApiError, Invalid, config_invalid
-from service.store import limits
+from service.store import limits, quotas
 from service.store.db import repo
 from service.store.db.base import unstorable
 from service.store.db.errors import NotFound
+from service.store.quotas import NO_QUOTA, Quota
 from service.store.settings import Settings
 from trainer.config import (
     ConfigError,
     JobConfig,
     config_dict,
+    data_bytes,
     parameter_count,
     parse_config,
 )
@@ -66,8 +68,9 @@ async def read_json(request: Request) -> Any:
     return loads(await request.body())
 
 
-def check_config(raw: Any, settings: Settings, prefix: str = "") -> JobConfig:
-    """parse_config plus this deployment's rules (see the module docstring)."""
+def check_config(raw: Any, settings: Settings, prefix: str = "", quota: Quota = NO_QUOTA) -> JobConfig:
+    """parse_config plus this deployment's rules (see the module docstring), and the
+    project's `quota` (its priority ceiling; a job it could never run)."""
     try:
         config = parse_config(raw)
     except ConfigError as exc:
@@ -75,6 +78,13 @@ def check_config(raw: Any, settings: Settings, prefix: str = "") -> JobConfig:
     low, high = PRIORITY_RANGE
     if not low <= config.priority <= high:
         raise Invalid(f"{prefix}priority", f"must be between {low} and {high}")
+    ceiling = quotas.priority_ceiling(quota, settings.max_priority)
+    if config.priority > ceiling:
+        raise Invalid(f"{prefix}priority", f"must be <= {ceiling}, this project's ceiling (max_priority)")
+    resources = config.resources
+    never = quotas.never_fits(quota, resources.cpus * resources.workers, resources.gpus * resources.workers)
+    if never is not None:
+        raise Invalid(f"{prefix}{never[0]}", never[1])
     if config.train.max_steps is not None and config.train.max_steps > MAX_STEPS_LIMIT:
         raise Invalid(f"{prefix}train.max_steps", f"must be <= {MAX_STEPS_LIMIT}")
     table = limits.effective(settings.limits)
@@ -102,6 +112,9 @@ def check_config(raw: Any, settings: Settings, prefix: str = "") -> JobConfig:
                 )
             # Store the resolved path: what the API checked is what the worker opens.
             setattr(data, name, str(resolved))
+    if data_field(config, "dataset") is None:  # an upload's size is known to check_dataset
+        files = [Path(data_field(config, name)) for name in ("path", "valid_path") if data_field(config, name)]
+        check_data_bytes(config, settings, sum(_size(f) for f in files), prefix)
     return config
 
 
@@ -129,14 +142,34 @@ def inside_data_roots(path: str, roots: list[Path]) -> Path | None:
     return None
 
 
-async def check_dataset(session: AsyncSession, config: JobConfig, project_id: str, prefix: str = "") -> None:
+async def check_dataset(session: AsyncSession, config: JobConfig, project_id: str, settings: Settings, prefix: str = "") -> None:
     dataset_id = data_field(config, "dataset")
     if dataset_id is None:
         return
     try:
-        await session.run_sync(repo.get_dataset, dataset_id, project_id)
+        dataset = await session.run_sync(repo.get_dataset, dataset_id, project_id)
     except NotFound:
         raise Invalid(f"{prefix}data.dataset", f"no dataset {dataset_id!r} in this project (POST /v1/datasets)") from None
+    check_data_bytes(config, settings, dataset.bytes, prefix)
+
+
+def check_data_bytes(config: JobConfig, settings: Settings, source_bytes: int | None, prefix: str = "") -> None:
+    """The memory the job's data will take on a worker, against UNROLL_MAX_DATA_BYTES."""
+    needed = data_bytes(config, source_bytes)
+    if needed is not None and needed > settings.max_data_bytes:
+        raise Invalid(
+            f"{prefix}data",
+            f"the data would take about {needed / 2**30:,.1f} GiB of a worker's memory; this service allows"
+            f" {settings.max_data_bytes / 2**30:,.1f} GiB (UNROLL_MAX_DATA_BYTES): use fewer or shorter episodes or streams, or a smaller file",
+        )
+
+
+def _size(path: Path) -> int:
+    """A data file's size; 0 when it is missing (the worker then says so)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def job_fields(config: JobConfig) -> dict[str, Any]:

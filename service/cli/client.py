@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import httpx
+
+from service.store.lifecycle import TERMINAL_STATE_NAMES
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 CONFIG_ENV = "UNROLL_CLIENT_CONFIG"
@@ -146,6 +149,10 @@ class Client:
     def retry(self, job_id: str) -> dict[str, Any]:
         return self._json("POST", f"/v1/jobs/{job_id}/retry")
 
+    def delete(self, job_id: str) -> None:
+        """Delete a finished job and all it produced (409 while it is queued or running)."""
+        self._request("DELETE", f"/v1/jobs/{job_id}")
+
     def metrics(
         self,
         job_id: str,
@@ -182,12 +189,15 @@ class Client:
             raise ApiError(0, "unreachable", f"cannot reach {self.url}: {exc}") from None
         return written
 
-    def events(self, job_id: str, *, timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        """The job's Server-Sent Events as dicts (each has `type`): first its current state,
-        then live events; ends when the job finishes (or the server closes the stream)."""
+    def events(self, job_id: str, *, timeout: float | None = None, last_event_id: str | None = None) -> Iterator[dict[str, Any]]:
+        """The job's Server-Sent Events as dicts (each has `type`, and `event_id`, its SSE id):
+        first its current state (or, with `last_event_id`, what followed that event), then
+        live events; ends when the job finishes or the server ends the stream (`end`)."""
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
         try:
             with self._http.stream(
-                "GET", f"/v1/jobs/{job_id}/events", timeout=httpx.Timeout(self._http.timeout.connect, read=timeout)
+                "GET", f"/v1/jobs/{job_id}/events", headers=headers,
+                timeout=httpx.Timeout(self._http.timeout.connect, read=timeout),
             ) as response:
                 if not response.is_success:
                     response.read()
@@ -195,6 +205,29 @@ class Client:
                 yield from parse_sse(response.iter_lines())
         except httpx.TransportError as exc:
             raise ApiError(0, "unreachable", f"event stream from {self.url} broke: {exc}") from None
+
+    def follow(self, job_id: str, *, read_timeout: float = 60.0, retries: int = 3) -> Iterator[dict[str, Any]]:
+        """The job's events until its final `state` event, across as many streams as that
+        takes: after an `end`, an `error` or a dropped connection it reconnects with the last
+        event id, so nothing is missed or repeated. Raises ApiError once `retries`
+        reconnections in a row have failed (the caller may poll instead)."""
+        last_id: str | None = None
+        failures = 0
+        while True:
+            try:
+                for event in self.events(job_id, timeout=read_timeout, last_event_id=last_id):
+                    failures = 0
+                    last_id = event.get("event_id") or last_id
+                    if event.get("type") in ("end", "error"):
+                        break
+                    yield event
+                    if event.get("type") == "state" and event.get("state") in TERMINAL_STATE_NAMES:
+                        return
+            except ApiError as exc:
+                if exc.status not in (0, 502, 503, 504) or failures >= retries:
+                    raise
+                failures += 1
+                time.sleep(min(10.0, 0.5 * 2**failures))
 
     # --- sweeps -------------------------------------------------------------------------------
 
@@ -230,8 +263,15 @@ class Client:
                 headers={"Content-Type": "application/octet-stream", "Content-Length": str(path.stat().st_size)},
             )
 
-    def datasets(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/v1/datasets")["datasets"]
+    def datasets(self, *, limit: int = 100) -> list[dict[str, Any]]:
+        return self._json("GET", "/v1/datasets", params={"limit": limit})["datasets"]
+
+    def dataset(self, dataset_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/datasets/{dataset_id}")
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete a dataset (409 while a queued or running job uses it)."""
+        self._request("DELETE", f"/v1/datasets/{dataset_id}")
 
     # --- admin --------------------------------------------------------------------------------
 
@@ -248,7 +288,7 @@ def _chunks(fh: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
 def parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
     """Server-Sent Events to dicts: the JSON `data` of each event, with `type` defaulting
     to the event name. Comments (keep-alives) are skipped."""
-    event, data = "message", []
+    event, data, event_id = "message", [], None
     for line in lines:
         if line == "":
             if data:
@@ -259,6 +299,8 @@ def parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
                     payload = {"data": text}
                 if isinstance(payload, dict):
                     payload.setdefault("type", event)
+                    if event_id is not None:
+                        payload["event_id"] = event_id
                     yield payload
             event, data = "message", []
         elif line.startswith(":"):
@@ -270,3 +312,5 @@ def parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
                 event = value
             elif name == "data":
                 data.append(value)
+            elif name == "id":
+                event_id = value  # the SSE rule: it lasts until the next `id:`

@@ -61,3 +61,10 @@ def parse_duration(text: str) -> timedelta:
     if not limits.MIN_TOKEN_LIFETIME_S <= value.total_seconds() <= limits.MAX_TOKEN_LIFETIME_S:
         raise argparse.ArgumentTypeError(f"{text!r}: must be between 1 minute and 10 years")
     return value
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)

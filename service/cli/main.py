@@ -6,13 +6,14 @@ service dependencies at start-up and `unroll --help` stays fast.
     train                      trainer.cli (local, no services)
     db upgrade                 migrations
     api                        the HTTP API (uvicorn)
-    token create               a project token, straight in the database
+    token, project             tokens and quotas, straight in the database (service.cli.admin)
     submit / status / logs / cancel
                                the HTTP client (service.cli.client), reading the URL and token
                                from --url/--token, UNROLL_URL/UNROLL_TOKEN, or the file
                                `unroll up` writes
     worker                     the dispatcher (workers.dispatcher)
     sweep, up                  service.cli.sweep, service.cli.up
+    delete, dataset            service.cli.data
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import argparse
 import sys
 import time
 
-from service.cli import sweep, up
-from service.cli.common import TERMINAL, UsageError, add_client_args, fail, open_client, parse_duration, read_config
+from service.cli import admin, data, sweep, up
+from service.cli.common import TERMINAL, UsageError, add_client_args, fail, open_client, read_config, table
+from trainer import use_cli
 
 
 def _db(subparsers) -> None:
@@ -89,97 +91,6 @@ def _run_api(args: argparse.Namespace) -> int:
     return 0
 
 
-def _token(subparsers) -> None:
-    p = subparsers.add_parser("token", help="API tokens (straight in the database, like the admin routes)")
-    sub = p.add_subparsers(dest="token_command", required=True)
-    create = sub.add_parser("create", help="create a project (if needed) and a token; prints the token last")
-    create.add_argument("--project", required=True)
-    create.add_argument("--name", default=None, help="a label for the token")
-    create.add_argument("--expires", default=None, type=parse_duration, metavar="DURATION",
-                        help="it stops working after this long: 90m, 12h, 30d, 52w (default: never)")
-    create.set_defaults(func=_token_create)
-    listing = sub.add_parser("list", help="the tokens (never their secrets), newest first")
-    listing.add_argument("--project", default=None, help="only this project's")
-    listing.set_defaults(func=_token_list)
-    revoke = sub.add_parser("revoke", help="revoke a token: refused on its next request, on every API replica")
-    revoke.add_argument("id", help="the token's id (tok_..., from `unroll token list`)")
-    revoke.set_defaults(func=_token_revoke)
-
-
-def _in_database(work):
-    """Run work(session) in one transaction of the configured database; exit 2 if it is down."""
-    from service.store.db.errors import DatabaseUnavailable
-    from service.store.db.session import session_scope
-
-    try:
-        with session_scope() as session:
-            return work(session)
-    except DatabaseUnavailable as exc:
-        raise UsageError(str(exc)) from None
-
-
-def _token_create(args: argparse.Namespace) -> int:
-    from service.store.db import repo
-    from service.store.db.base import utcnow
-
-    expires_at = utcnow() + args.expires if args.expires is not None else None
-
-    def create(session):
-        project = repo.get_or_create_project(session, args.project)
-        secret, _ = repo.create_token(session, project.id, name=args.name, expires_at=expires_at)
-        return project.id, secret
-
-    project_id, secret = _in_database(create)
-    until = f", expires {expires_at:%Y-%m-%d %H:%M} UTC" if expires_at else ""
-    print(f"project {args.project} ({project_id}): new token (shown once{until})", file=sys.stderr)
-    print(secret)
-    return 0
-
-
-def _token_list(args: argparse.Namespace) -> int:
-    from service.store.db import repo
-
-    def rows(session):
-        return [
-            [t.id, name, t.name or "-", _stamp(t.created_at), _stamp(t.last_used_at), _stamp(t.expires_at), _stamp(t.revoked_at)]
-            for t, name in repo.list_tokens(session, args.project)
-        ]
-
-    found = _in_database(rows)
-    print(_table(found, ["ID", "PROJECT", "NAME", "CREATED", "LAST USED", "EXPIRES", "REVOKED"]) if found else "no tokens")
-    return 0
-
-
-def _token_revoke(args: argparse.Namespace) -> int:
-    from service.store import revocations
-    from service.store.db import repo
-    from service.store.db.errors import NotFound
-    from service.store.keys import Keys
-    from service.store.settings import get_settings
-
-    def revoke(session):
-        token_hash = repo.revoke_token(session, args.id)
-        repo.get_token(session, args.id)  # NotFound for an unknown id
-        return token_hash
-
-    try:
-        token_hash = _in_database(revoke)
-    except NotFound:
-        raise UsageError(f"no token {args.id!r} (see unroll token list)") from None
-    if token_hash is None:
-        print(f"{args.id} was already revoked")
-        return 0
-    settings = get_settings()
-    if not revocations.announce_sync(settings.redis_url, Keys(settings.redis_prefix), token_hash):
-        print("note: Redis did not answer; API processes forget cached tokens when they reach it again", file=sys.stderr)
-    print(f"{args.id} revoked")
-    return 0
-
-
-def _stamp(when) -> str:
-    return when.strftime("%Y-%m-%d %H:%M") if when is not None else "-"
-
-
 # --- client commands --------------------------------------------------------------------------
 
 
@@ -233,36 +144,11 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _follow(api, job: dict, interval: float = 1.0) -> dict:
-    """A progress bar (step / max_steps, with the latest train/loss and tqdm's ETA) until
-    the job ends. Polls the job: simple, and robust to reconnects."""
-    from tqdm import tqdm
+    """A progress bar until the job ends, from its event stream (polling if the stream
+    cannot be had): service.cli.follow."""
+    from service.cli.follow import follow_job
 
-    bar = tqdm(total=job.get("max_steps") or None, unit="step", dynamic_ncols=True, desc=job["id"], file=sys.stderr)
-    try:
-        while True:
-            job = api.get(job["id"])
-            if job.get("max_steps") and bar.total != job["max_steps"]:
-                bar.total = job["max_steps"]
-            bar.update(max(0, job["step"] - bar.n))
-            loss = (job.get("metrics") or {}).get("train/loss")
-            postfix = {"state": job["state"]}
-            if loss is not None and loss.get("value") is not None:
-                postfix["loss"] = f"{loss['value']:.4f}"
-            if job.get("pending_reason"):
-                postfix["waiting"] = job["pending_reason"]
-            bar.set_postfix(postfix, refresh=True)
-            if job["state"] in TERMINAL:
-                return job
-            time.sleep(interval)
-    finally:
-        bar.close()
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
+    return follow_job(api, job, interval)
 
 
 def _when(stamp: str | None) -> str:
@@ -285,7 +171,7 @@ def _status(args: argparse.Namespace) -> int:
         [j["id"], j["state"], f"{100 * j['progress']:.0f}%", str(j["step"]), str(j["attempt"]), _when(j["created_at"]), j["name"] or ""]
         for j in page["jobs"]
     ]
-    print(_table(rows, ["ID", "STATE", "PROGRESS", "STEP", "ATTEMPT", "CREATED", "NAME"]) if rows else "no jobs")
+    print(table(rows, ["ID", "STATE", "PROGRESS", "STEP", "ATTEMPT", "CREATED", "NAME"]) if rows else "no jobs")
     return 0
 
 
@@ -381,10 +267,12 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
         subparsers.add_parser("train", help="train a config locally, without services (see unroll train -h)")
     _db(subparsers)
     _api(subparsers)
-    _token(subparsers)
+    admin.add_parser(subparsers)
     _client_commands(subparsers)
     _worker(subparsers)
     sweep.add_parser(subparsers)
+    data.add_parser(subparsers)
+    use_cli.add_parser(subparsers)  # generate, predict, evaluate, export: local paths (job ids: pass resolve=)
     up.add_parser(subparsers)
     return parser
 

@@ -3,21 +3,27 @@
 A local directory or any fsspec URL (s3://, gs://, memory://, ...). Objects are written
 to a temporary name and then moved into place where the filesystem allows it, so a
 reader never sees a torn file. Every object's URI is recorded in the database.
+
+Deleting goes the other way: the database rows first, then the files (``discard``). A file
+that cannot be removed is logged as an orphan and left; a row never points at nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
 
 CHUNK = 1 << 20
+
+log = logging.getLogger("unroll.artifacts")
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,34 @@ class ArtifactStore:
 
     def dataset_uri(self, dataset_id: str, filename: str) -> str:
         return self.uri("datasets", dataset_id, _safe_name(filename))
+
+    def job_folder(self, job_id: str) -> str:
+        """Everything stored for one job (its checkpoints of every attempt)."""
+        return self.uri("jobs", job_id)
+
+    def dataset_folder(self, dataset_id: str) -> str:
+        return self.uri("datasets", dataset_id)
+
+    def remove(self, uri: str, *, recursive: bool = False) -> None:
+        """Delete an object (or, recursive, a folder and all in it); one already gone is fine."""
+        fs, path = url_to_fs(uri)
+        try:
+            fs.rm(path, recursive=recursive)
+        except FileNotFoundError:
+            pass
+
+    def discard(self, uris: Iterable[str], folders: Iterable[str] = ()) -> list[str]:
+        """Remove files whose database records are already deleted (and committed), then the
+        folders that held them. Never raises: what cannot be removed is logged as an orphan
+        (to delete by hand) and returned."""
+        orphans = []
+        for uri, recursive in [*((u, False) for u in uris), *((f, True) for f in folders)]:
+            try:
+                self.remove(uri, recursive=recursive)
+            except Exception as exc:  # noqa: BLE001 - the rows are gone either way
+                log.warning("orphan left in the artifact store: %s (%s)", uri, exc)
+                orphans.append(uri)
+        return orphans
 
     def put_bytes(self, uri: str, data: bytes) -> Stored:
         return self.put_stream(uri, iter([data]))

@@ -71,6 +71,27 @@ class Keys:
     def queue_wakeup(self) -> str:
         return f"{self.prefix}:queue:wakeup"
 
+    # SET of the projects that have pending messages (a project whose pending ZSET is found
+    # empty is removed lazily by the dequeue script).
+    @property
+    def queue_projects(self) -> str:
+        return f"{self.prefix}:queue:projects"
+
+    # HASH job id -> its project id, for every job the queue holds.
+    @property
+    def queue_project_of(self) -> str:
+        return f"{self.prefix}:queue:project_of"
+
+    # ZSETs, one per project, of that project's pending members (same members and scores
+    # as queue_pending): the key is this prefix followed by the project id. Dequeue picks
+    # among the heads of these (fair share between projects, service.store.queue).
+    @property
+    def queue_project_pending_prefix(self) -> str:
+        return f"{self.prefix}:queue:pending:project:"
+
+    def queue_project_pending(self, project_id: str) -> str:
+        return f"{self.queue_project_pending_prefix}{project_id}"
+
     @property
     def queue_keys(self) -> list[str]:
         """Every key of the queue, in the order its Lua scripts expect them as KEYS."""
@@ -83,10 +104,17 @@ class Keys:
             self.queue_depth,
             self.queue_sequence,
             self.queue_wakeup,
+            self.queue_projects,
+            self.queue_project_of,
+            # Not a key: the prefix of the per-project ZSETs, which the scripts name from it.
+            self.queue_project_pending_prefix,
         ]
 
     # --- live events (service.store.events) ----------------------------------------------------
-    # Pub/sub channel of one job's events (JSON), for the API's Server-Sent Events.
+    # STREAM of one job's events, one entry each (field "event": its JSON), for the API's
+    # Server-Sent Events; entry ids are the events' SSE ids. Trimmed to about
+    # events.STREAM_LENGTH entries; expires events.ENDED_TTL_S after the job's final state
+    # (events.LIVE_TTL_S after its last event otherwise).
     def job_events(self, job_id: str) -> str:
         return f"{self.prefix}:events:job:{job_id}"
 

@@ -28,6 +28,13 @@ Data structures (every key is named in ``service.store.keys``):
   reclaimed message return with its original sequence, i.e. its place in line; ``priorities``
   keeps the exact priority. ``depth`` counts pending messages per priority, so the
   Prometheus gauge is one HGETALL and not a scan of the queue.
+- per project: a ZSET of that project's pending members (same members and scores), a SET of
+  the projects with pending messages, and a HASH job id -> project. Dequeue compares the
+  heads of the projects' ZSETs: the highest priority wins, and among equal priorities the
+  project with the smallest share of the cluster that the consumer passes (dominant
+  resource fairness, workers.dispatcher); projects the consumer holds back (at their
+  quota) are skipped, their messages stay pending in place. One ZRANGE per project with
+  pending messages per dequeue: cheap for the tens or hundreds of projects of a team.
 - a wake-up LIST: every message made available pushes a token; a waiting consumer BLPOPs it
   and then pops the ZSET. The ZSET stays the only queue (a token carries no job, so a lost
   or extra token costs at most one short wait or one empty pop), and a waiting consumer
@@ -59,7 +66,8 @@ The Redis client may decode responses or not; job ids come back as ``str`` eithe
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 
 import redis.asyncio as aioredis
 
@@ -82,8 +90,8 @@ MAX_BLOCK_S = 1.0
 # Shared by every script: the keys in the order of Keys.queue_keys, and small helpers.
 _PRELUDE = """
 if redis.replicate_commands then redis.replicate_commands() end
-local pending, in_flight, owners, members, priorities, depth, sequence, wakeup =
-    KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local pending, in_flight, owners, members, priorities, depth, sequence, wakeup, projects, project_of, project_prefix =
+    KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 -- Tokens kept for waiting consumers: more than the consumers that can wait at once is waste.
 local WAKE_CAP = 256
 
@@ -107,16 +115,32 @@ local function job_of(member)
     return string.sub(member, 18)
 end
 
-local function make_pending(member, priority)
-    redis.call('ZADD', pending, score(priority), member)
+local function project_pending(job)
+    return project_prefix .. (redis.call('HGET', project_of, job) or '')
+end
+
+-- Pending in both orders: the queue's (pending) and its project's.
+local function make_pending(job, member, priority)
+    local s = score(priority)
+    redis.call('ZADD', pending, s, member)
+    redis.call('ZADD', project_pending(job), s, member)
+    redis.call('SADD', projects, redis.call('HGET', project_of, job) or '')
     redis.call('HINCRBY', depth, priority, 1)
 end
 
 -- Take `member` out of pending; true if it was there.
-local function unpend(member, priority)
+local function unpend(job, member, priority)
     if redis.call('ZREM', pending, member) == 0 then return false end
+    redis.call('ZREM', project_pending(job), member)
     if redis.call('HINCRBY', depth, priority, -1) <= 0 then redis.call('HDEL', depth, priority) end
     return true
+end
+
+local function forget(job)
+    redis.call('HDEL', owners, job)
+    redis.call('HDEL', members, job)
+    redis.call('HDEL', priorities, job)
+    redis.call('HDEL', project_of, job)
 end
 
 local function wake(n)
@@ -142,25 +166,27 @@ local function reclaim(now, limit)
             redis.call('HSET', members, job, member)
         end
         redis.call('HSET', priorities, job, priority)
-        make_pending(member, priority)
+        make_pending(job, member, priority)
     end
     wake(#expired)
     return expired
 end
 """
 
-# ARGV: job, priority, job, priority, ...  Returns one 1 (added) or 0 (already held) per job.
+# ARGV: job, priority, project, job, priority, project, ...  Returns one 1 (added) or 0
+# (already held) per job.
 _ENQUEUE = _PRELUDE + """
 local added, n = {}, 0
-for i = 1, #ARGV, 2 do
-    local job, priority = ARGV[i], ARGV[i + 1]
+for i = 1, #ARGV, 3 do
+    local job, priority, project = ARGV[i], ARGV[i + 1], ARGV[i + 2]
     if redis.call('HEXISTS', members, job) == 1 then
         added[#added + 1] = 0
     else
         local member = new_member(job)
         redis.call('HSET', members, job, member)
         redis.call('HSET', priorities, job, priority)
-        make_pending(member, priority)
+        redis.call('HSET', project_of, job, project)
+        make_pending(job, member, priority)
         added[#added + 1] = 1
         n = n + 1
     end
@@ -169,15 +195,38 @@ wake(n)
 return added
 """
 
-# ARGV: consumer, lease_ms, reclaim limit.  Returns the job id, or nil when nothing is pending.
+# ARGV: consumer, lease_ms, reclaim limit, then pairs of (project, its share, or 'x' for a
+# project whose messages must stay pending).  Returns the job id, or nil when nothing
+# (of a project not held back) is pending.
+#
+# The message: the highest priority among the projects' heads; among equal priorities the
+# project of the smallest share (a project not named has share 0); then the oldest.
 _DEQUEUE = _PRELUDE + """
 local now = now_ms()
 reclaim(now, tonumber(ARGV[3]))
-local popped = redis.call('ZPOPMIN', pending)
-if #popped == 0 then return false end
-local job = job_of(popped[1])
+local shares, held = {}, {}
+for i = 4, #ARGV, 2 do
+    if ARGV[i + 1] == 'x' then held[ARGV[i]] = true else shares[ARGV[i]] = tonumber(ARGV[i + 1]) end
+end
+local best, best_score, best_share, best_project
+for _, project in ipairs(redis.call('SMEMBERS', projects)) do
+    if not held[project] then
+        local head = redis.call('ZRANGE', project_prefix .. project, 0, 0, 'WITHSCORES')
+        if #head == 0 then
+            redis.call('SREM', projects, project)
+        else
+            local s, share = tonumber(head[2]), shares[project] or 0
+            if best == nil or s < best_score
+                or (s == best_score and (share < best_share or (share == best_share and head[1] < best))) then
+                best, best_score, best_share, best_project = head[1], s, share, project
+            end
+        end
+    end
+end
+if best == nil then return false end
+local job = job_of(best)
 local priority = redis.call('HGET', priorities, job) or '0'
-if redis.call('HINCRBY', depth, priority, -1) <= 0 then redis.call('HDEL', depth, priority) end
+unpend(job, best, priority)
 redis.call('ZADD', in_flight, now + tonumber(ARGV[2]), job)
 redis.call('HSET', owners, job, ARGV[1])
 return job
@@ -195,9 +244,7 @@ _ACK = _PRELUDE + """
 local job = ARGV[1]
 if redis.call('HGET', owners, job) ~= ARGV[2] then return 0 end
 redis.call('ZREM', in_flight, job)
-redis.call('HDEL', owners, job)
-redis.call('HDEL', members, job)
-redis.call('HDEL', priorities, job)
+forget(job)
 return 1
 """
 
@@ -210,7 +257,7 @@ redis.call('HDEL', owners, job)
 local member = new_member(job)
 redis.call('HSET', members, job, member)
 redis.call('HSET', priorities, job, priority)
-make_pending(member, priority)
+make_pending(job, member, priority)
 wake(1)
 return 1
 """
@@ -220,12 +267,10 @@ _REMOVE = _PRELUDE + """
 local job = ARGV[1]
 local member = redis.call('HGET', members, job)
 if member then
-    unpend(member, redis.call('HGET', priorities, job) or '0')
+    unpend(job, member, redis.call('HGET', priorities, job) or '0')
 end
 redis.call('ZREM', in_flight, job)
-redis.call('HDEL', owners, job)
-redis.call('HDEL', members, job)
-redis.call('HDEL', priorities, job)
+forget(job)
 if member then return 1 end
 return 0
 """
@@ -252,6 +297,12 @@ def _check_priority(priority: int) -> str:
     if abs(priority) > MAX_ABS_PRIORITY:
         raise ValueError(f"priority must be within +-2**53, got {priority}")
     return str(priority)
+
+
+def _check_project(project: str) -> str:
+    if not isinstance(project, str):
+        raise TypeError(f"project must be a string, got {project!r}")
+    return project
 
 
 def _check_consumer(consumer: str) -> str:
@@ -291,21 +342,24 @@ class JobQueue:
 
     # --- producers ---------------------------------------------------------------------
 
-    async def enqueue(self, job_id: str, priority: int = 0) -> bool:
-        """Make `job_id` available to consumers. True if newly added; False (and nothing
-        changes, not even the priority) if the queue already holds it, pending or in flight."""
-        (added,) = await self.enqueue_many([(job_id, priority)])
+    async def enqueue(self, job_id: str, priority: int = 0, project: str = "") -> bool:
+        """Make `job_id` (of `project`) available to consumers. True if newly added; False
+        (and nothing changes, not even the priority) if the queue already holds it,
+        pending or in flight."""
+        (added,) = await self.enqueue_many([(job_id, priority, project)])
         return added
 
-    async def enqueue_many(self, jobs: Iterable[tuple[str, int]]) -> list[bool]:
-        """`enqueue` for many (job id, priority) pairs, in order, a thousand per round trip.
-        Each pair is atomic; the whole batch is not (a reconciler may simply repeat it)."""
+    async def enqueue_many(self, jobs: Iterable[tuple[str, int] | tuple[str, int, str]]) -> list[bool]:
+        """`enqueue` for many (job id, priority[, project]) tuples, in order, a thousand per
+        round trip. Each is atomic; the whole batch is not (a reconciler may simply repeat it)."""
         args: list[str] = []
-        for job_id, priority in jobs:
-            args += (_check_job_id(job_id), _check_priority(priority))
+        for job in jobs:
+            job_id, priority = job[0], job[1]
+            project = job[2] if len(job) > 2 else ""
+            args += (_check_job_id(job_id), _check_priority(priority), _check_project(project))
         added: list[bool] = []
-        for start in range(0, len(args), 2 * ENQUEUE_CHUNK):
-            chunk = args[start : start + 2 * ENQUEUE_CHUNK]
+        for start in range(0, len(args), 3 * ENQUEUE_CHUNK):
+            chunk = args[start : start + 3 * ENQUEUE_CHUNK]
             added += [bool(a) for a in await self._enqueue(keys=self._queue_keys, args=chunk)]
         return added
 
@@ -316,16 +370,33 @@ class JobQueue:
 
     # --- consumers ---------------------------------------------------------------------
 
-    async def dequeue(self, consumer: str, lease_s: float, block_s: float = 1.0) -> str | None:
+    async def dequeue(
+        self,
+        consumer: str,
+        lease_s: float,
+        block_s: float = 1.0,
+        *,
+        shares: Mapping[str, float] | None = None,
+        held: Iterable[str] = (),
+    ) -> str | None:
         """Take the next message for `consumer`, leased for `lease_s` seconds: the highest
-        priority, oldest first. Waits up to `block_s` for one (0: do not wait); None if none
-        came. Expired leases are reclaimed on the way, so a lone consumer needs no sweeper."""
+        priority; among equal priorities, the project of the smallest share (`shares`, a
+        project absent from it has 0), then the oldest. Messages of the `held` projects
+        stay pending. Waits up to `block_s` for one (0: do not wait); None if none came.
+        Expired leases are reclaimed on the way, so a lone consumer needs no sweeper."""
         _check_consumer(consumer)
         lease_ms = _lease_ms(lease_s)
+        choice: list[str] = []
+        for project, share in (shares or {}).items():
+            if not math.isfinite(share):
+                raise ValueError(f"share of {project!r} must be finite, got {share!r}")
+            choice += (_check_project(project), repr(float(share)))
+        for project in held:
+            choice += (_check_project(project), "x")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, block_s)
         while True:
-            job = await self._dequeue(keys=self._queue_keys, args=[consumer, lease_ms, RECLAIM_PER_DEQUEUE])
+            job = await self._dequeue(keys=self._queue_keys, args=[consumer, lease_ms, RECLAIM_PER_DEQUEUE, *choice])
             if job is not None:
                 return _text(job)
             remaining = deadline - loop.time()

@@ -44,9 +44,17 @@ class Settings(BaseSettings):
 
     # --- access and quotas ---
     admin_token: SecretStr | None = None
+    # Defaults of every project's quota (service.store.quotas; an admin sets a project's own
+    # with `unroll project set`): queued jobs, and the highest priority a job may have.
     max_queued_per_project: int = Field(default=10_000, ge=0)
+    max_priority: int = Field(default=100, ge=-(2**31), le=2**31 - 1)
+    # Requests of one project in progress at once in one API process (429 past it; 0: no
+    # bound): service.api.admission.
+    max_requests_per_project: int = Field(default=16, ge=0)
     # The largest model (parameter count) a job may ask for.
     max_params: int = Field(default=50_000_000, ge=1)
+    # The most memory a job's data may take on a worker (trainer.config.data_bytes).
+    max_data_bytes: int = Field(default=8 << 30, ge=1)
     # Overrides of the per-field bounds of service.store.limits: {"model.num_layers": 64}.
     limits: dict[str, float] = Field(default_factory=dict)
 
@@ -55,11 +63,25 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1 << 20, ge=1)
     # Largest dataset upload, streamed to the artifact store (413 beyond).
     max_upload_bytes: int = Field(default=1 << 30, ge=1)
+    # All of one project's datasets together (429 beyond, checked while an upload streams).
+    max_dataset_bytes_per_project: int = Field(default=10 << 30, ge=0)
+    # An upload whose client sends nothing for this long is refused (408) and removed: a
+    # stalled client holds no connection or thread longer.
+    upload_read_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     # Most jobs one sweep may expand to (grid points x seeds).
     max_sweep_jobs: int = Field(default=1000, ge=1)
     # How long a verified token is trusted without asking the database again (a revoked
     # token keeps working this long at most).
     token_cache_seconds: float = Field(default=30.0, ge=0)
+
+    # --- live event streams (service.api.streams) ---
+    # Open GET /v1/jobs/{id}/events streams of one project on one API process (429 beyond).
+    max_streams_per_project: int = Field(default=20, ge=1)
+    # A stream ends after this long (an `end` event; the client reconnects with
+    # Last-Event-ID), so that a job that never starts holds no connection forever.
+    stream_max_seconds: float = Field(default=1800.0, gt=0, le=86_400)
+    # An idle stream sends a keep-alive comment this often, and looks at its job's state.
+    stream_keepalive_seconds: float = Field(default=15.0, gt=0, le=300)
 
     # --- execution ---
     # A running attempt must renew its lease within this many seconds or it is lost.

@@ -9,9 +9,10 @@ import json
 import httpx
 import pytest
 
-from service.store import events
 from service.api.app import create_app
+from service.store import events
 from service.store.db import states
+from service.store.keys import Keys
 from service.store.settings import Settings
 from tests.api.helpers import ADMIN_TOKEN, JOB, auth
 
@@ -19,20 +20,29 @@ pytestmark = pytest.mark.redis
 
 
 async def _next_event(lines) -> dict:
-    name, data = "message", []
+    """The next event of an SSE line iterator: its data, with `event` (its name) and
+    `event_id` (its `id:`)."""
+    name, data, event_id = "message", [], None
     async for line in lines:
         if line.startswith(":"):
             continue
         if line == "":
             if data:
-                return {"event": name, **json.loads("\n".join(data))}
+                return {"event": name, "event_id": event_id, **json.loads("\n".join(data))}
             continue
         field, _, value = line.partition(": ")
         if field == "event":
             name = value
         elif field == "data":
             data.append(value)
+        elif field == "id":
+            event_id = value
     raise EOFError
+
+
+async def _append(redis_client, settings, job_id: str, *batch: dict) -> list[str]:
+    """What a worker's commit publishes (service.store.db.outbox → events.append)."""
+    return await events.append(redis_client, Keys(settings.redis_prefix), [(job_id, event) for event in batch])
 
 
 async def test_late_subscriber_gets_state_then_live_events(live_server, make_token, settings, redis_client, db):
@@ -50,18 +60,25 @@ async def test_late_subscriber_gets_state_then_live_events(live_server, make_tok
             assert first["event"] == "state" and first["snapshot"] is True
             assert first["state"] == "running" and first["attempt"] == 1 and first["worker"] == "w1"
 
-            await events.publish(redis_client, job_id, {"type": "progress", "step": 3, "max_steps": 10, "progress": 0.3}, prefix=settings.redis_prefix)
+            (progress_id,) = await _append(redis_client, settings, job_id, {"type": "progress", "step": 3, "max_steps": 10, "progress": 0.3})
             progress = await asyncio.wait_for(_next_event(lines), 10)
             assert progress["event"] == "progress" and progress["step"] == 3 and progress["job_id"] == job_id
+            assert progress["event_id"] == progress_id
 
-            await events.publish(redis_client, job_id, {"type": "state", "state": "succeeded"}, prefix=settings.redis_prefix)
+            await _append(redis_client, settings, job_id, {"type": "state", "state": "succeeded", "attempt": 1})
             final = await asyncio.wait_for(_next_event(lines), 10)
             assert final["state"] == "succeeded"
             with pytest.raises(EOFError):  # the stream ends with the job
                 await asyncio.wait_for(_next_event(lines), 10)
 
-        # a late subscriber gets the state the database holds: still running, so the
-        # stream stays open (no end within 1 s) ...
+        # reconnecting after the progress event: exactly what followed it, then the end
+        async with http.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": progress_id}) as response:
+            body = (await asyncio.wait_for(response.aread(), 10)).decode()
+        replayed = await _all_events(body)
+        assert [(e["event"], e.get("state")) for e in replayed] == [("state", "succeeded")]
+
+        # a fresh subscriber gets the state the database holds: still running (nothing ended
+        # the attempt in the database), so the stream stays open ...
         async with http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
             lines = response.aiter_lines()
             assert (await asyncio.wait_for(_next_event(lines), 10))["state"] == "running"  # the db still says so
@@ -69,10 +86,10 @@ async def test_late_subscriber_gets_state_then_live_events(live_server, make_tok
             done, _ = await asyncio.wait({pending}, timeout=1)
             assert not done, pending.result() if done else None
             # ... until the attempt really finishes: the database first, then its event (the
-            # order workers/attempt.py uses), which is the stream's last.
+            # order of every commit's outbox), which is the stream's last.
             assert states.finish(db, job_id, 1, "succeeded")
             db.commit()
-            await events.publish(redis_client, job_id, {"type": "state", "state": "succeeded", "attempt": 1}, prefix=settings.redis_prefix)
+            await _append(redis_client, settings, job_id, {"type": "state", "state": "succeeded", "attempt": 1})
             last = await asyncio.wait_for(pending, 10)
             assert last["event"] == "state" and last["state"] == "succeeded" and last["job_id"] == job_id
             with pytest.raises(EOFError):  # the response body completes
@@ -83,17 +100,56 @@ async def test_late_subscriber_gets_state_then_live_events(live_server, make_tok
         async with http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
             assert response.status_code == 200
             body = (await asyncio.wait_for(response.aread(), 5)).decode()
-
-        async def replay():
-            for line in body.split("\n"):
-                yield line
-
-        chunks = replay()
-        only = await _next_event(chunks)
+        (only,) = await _all_events(body)
         assert only["event"] == "state" and only["snapshot"] is True
         assert only["state"] == "succeeded" and only["progress"] == 1.0 and only["attempt"] == 1
-        with pytest.raises(EOFError):  # and nothing after it
-            await _next_event(chunks)
+
+
+async def _all_events(body: str) -> list[dict]:
+    async def replay():
+        for line in body.split("\n"):
+            yield line
+
+    chunks, found = replay(), []
+    while True:
+        try:
+            found.append(await _next_event(chunks))
+        except EOFError:
+            return found
+
+
+async def test_the_api_publishes_its_own_transitions_and_a_stream_resumes_after_them(live_server, make_token):
+    token = make_token()
+    async with httpx.AsyncClient(base_url=live_server.url, headers=auth(token), timeout=10) as http:
+        job_id = (await http.post("/v1/jobs", json=JOB)).json()["id"]
+        async with http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+            lines = response.aiter_lines()
+            snapshot = await asyncio.wait_for(_next_event(lines), 10)
+            assert snapshot["state"] == "queued" and snapshot["event_id"] == "0-0"  # nothing was published yet
+            assert (await http.post(f"/v1/jobs/{job_id}/cancel")).status_code == 202
+            cancelled = await asyncio.wait_for(_next_event(lines), 10)
+            assert (cancelled["state"], cancelled["attempt"], cancelled["transition"]) == ("cancelled", 0, "cancel")
+            with pytest.raises(EOFError):
+                await asyncio.wait_for(_next_event(lines), 10)
+        assert (await http.post(f"/v1/jobs/{job_id}/cancel")).status_code == 202  # again: nothing new
+        assert (await http.post(f"/v1/jobs/{job_id}/retry")).status_code == 200
+        # back after the cancel: the retry, then (still queued) the stream stays open
+        async with http.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": cancelled["event_id"]}) as response:
+            lines = response.aiter_lines()
+            retried = await asyncio.wait_for(_next_event(lines), 10)
+            assert (retried["event"], retried["state"], retried["transition"]) == ("state", "queued", "retry")
+            assert events.parse_id(retried["event_id"]) > events.parse_id(cancelled["event_id"])
+            pending = asyncio.ensure_future(_next_event(lines))
+            done, _ = await asyncio.wait({pending}, timeout=0.5)
+            assert not done  # the second cancel said nothing
+            assert (await http.post(f"/v1/jobs/{job_id}/cancel")).status_code == 202
+            assert (await asyncio.wait_for(pending, 10))["state"] == "cancelled"
+        # an id this stream never had (from the future, or trimmed away): a fresh snapshot
+        async with http.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "99999999999999-0"}) as response:
+            (only,) = await _all_events((await asyncio.wait_for(response.aread(), 10)).decode())
+        assert only["snapshot"] is True and only["state"] == "cancelled"
+        bad = await http.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "yesterday"})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "Last-Event-ID"
 
 
 async def test_client_events_iterator(live_server, make_token, settings, redis_client):
@@ -110,14 +166,14 @@ async def test_client_events_iterator(live_server, make_token, settings, redis_c
                 seen.append(event)
                 if len(seen) == 1:
                     asyncio.run_coroutine_threadsafe(
-                        events.publish(redis_client, job["id"], {"type": "state", "state": "cancelled"}, prefix=settings.redis_prefix),
-                        loop,
+                        _append(redis_client, settings, job["id"], {"type": "state", "state": "cancelled", "attempt": 0}), loop
                     ).result(10)
             return seen
 
     seen = await asyncio.to_thread(follow)
     assert [e["type"] for e in seen] == ["state", "state"]
     assert seen[0]["state"] == "queued" and seen[1]["state"] == "cancelled"
+    assert seen[0]["event_id"] == "0-0" and events.is_id(seen[1]["event_id"])
 
 
 async def test_health_ready_metrics(client, make_token):

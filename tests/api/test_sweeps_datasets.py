@@ -84,11 +84,12 @@ async def test_upload_streams_with_sha256_and_cap(client, make_token, settings, 
     stored = [p for p in (tmp_path / "artifacts").rglob("*") if p.is_file()]
     assert len(stored) == 1 and stored[0].read_bytes() == blob
 
+    # multipart/form-data is an upload too (tests/api/test_data_lifecycle.py): named by `name` here
     multipart = await client.post("/v1/datasets", params={"name": "m"}, files={"file": b"abc"}, headers=auth(token))
-    assert multipart.status_code == 415
+    assert multipart.status_code == 201 and multipart.json()["name"] == "m" and multipart.json()["bytes"] == 3
     no_name = await client.post("/v1/datasets", content=b"abc", headers=auth(token))
     assert no_name.status_code == 422 and no_name.json()["error"]["field"] == "name"
 
     listed = (await client.get("/v1/datasets", headers=auth(token))).json()["datasets"]
-    assert [d["id"] for d in listed] == [ds["id"]]
+    assert [d["id"] for d in listed] == [multipart.json()["id"], ds["id"]]
     assert (await client.get("/v1/datasets", headers=auth(make_token("other")))).json()["datasets"] == []

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from sqlalchemy.orm import Session
 
 from service.cli.client import Client, read_client_config, write_client_config
-from service.store.db import repo, states
+from service.store import events
+from service.store.db import outbox, repo, states
 from service.store.db.migrate import upgrade
 from service.store.db.models import JobState
 from service.store.db.session import make_engine
@@ -139,7 +141,9 @@ def test_submit_wait_shows_progress_until_done(service, tmp_path: Path):
             while not api.list()["jobs"] and time.monotonic() < deadline:
                 time.sleep(0.1)
             job_id = api.list()["jobs"][0]["id"]
-        with Session(engine) as db:
+        # a worker's session: what it commits reaches the job's event stream, which --wait follows
+        publisher = events.Publisher(redis.Redis.from_url(env["UNROLL_REDIS_URL"]), env["UNROLL_REDIS_PREFIX"])
+        with Session(engine, info=outbox.publishing(publisher)) as db:
             attempt = states.claim(db, job_id, "w1", 30)
             repo.insert_metrics(db, job_id, attempt, [("train/loss", 10, 1.25)])
             states.update_progress(db, job_id, attempt, 10)
@@ -155,3 +159,4 @@ def test_submit_wait_shows_progress_until_done(service, tmp_path: Path):
     assert waited.returncode == 0, waited.stderr
     assert "succeeded" in waited.stdout.splitlines()[-1] and "final_train_loss=0.5" in waited.stdout
     assert "loss=1.2500" in waited.stderr or "step" in waited.stderr  # the progress bar
+    assert "polling instead" not in waited.stderr  # it followed the job's event stream

@@ -202,3 +202,33 @@ async def test_a_job_gets_the_deployments_time_limit_and_cannot_exceed_it(client
     settings.limits = {"train.max_wall_s": 3600}
     made = await client.post("/v1/jobs", json=JOB, headers=auth(token))
     assert made.json()["config"]["train"]["max_wall_s"] == 3600
+
+
+# --- the memory a job's data takes (trainer.config.data_bytes) ---------------------------
+
+
+async def test_data_that_would_not_fit_in_a_workers_memory_is_a_422(client, make_token, settings, data_root):
+    token = make_token()
+    # 10 million episodes of 1,000 steps: within each field's own bound, 320 TB together.
+    # On c069bd3 a 201, and the worker would have built it (adding data is materialised).
+    huge = {**JOB, "model": {"cell": "lstm", "hidden_size": 8}, "data": {"kind": "adding", "length": 1000, "episodes": 10_000_000}}
+    response = await client.post("/v1/jobs", json=huge, headers=auth(token))
+    assert response.status_code == 422 and response.json()["error"]["field"] == "data", response.text
+    assert "UNROLL_MAX_DATA_BYTES" in response.json()["error"]["message"]
+    sweep = await client.post("/v1/sweeps", json={"base": JOB, "grid": {"data": [huge["data"]]}}, headers=auth(token))
+    assert sweep.status_code == 422, sweep.text
+    # File data: the file's size says. A 100 kB text under a 1 MB cap is too much (the
+    # tokens take ~55 bytes per character on the worker); a small one passes.
+    settings.max_data_bytes = 1 << 20
+    (data_root / "big.txt").write_text("ab cd\n" * 20_000)
+    (data_root / "small.txt").write_text("ab cd\n" * 100)
+    text = {**JOB, "data": {"kind": "text", "path": "big.txt"}}
+    response = await client.post("/v1/jobs", json=text, headers=auth(token))
+    assert response.status_code == 422 and response.json()["error"]["field"] == "data", response.text
+    text["data"]["path"] = "small.txt"
+    assert (await client.post("/v1/jobs", json=text, headers=auth(token))).status_code == 201
+    uploaded = await client.post("/v1/datasets", params={"name": "big.txt"}, content=b"ab cd\n" * 20_000, headers=auth(token))
+    assert uploaded.status_code == 201, uploaded.text
+    text["data"] = {"kind": "text", "dataset": uploaded.json()["id"]}
+    response = await client.post("/v1/jobs", json=text, headers=auth(token))
+    assert response.status_code == 422 and response.json()["error"]["field"] == "data", response.text

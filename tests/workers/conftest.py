@@ -96,24 +96,25 @@ class Stack:
         self.workers.append(proc)
         return proc
 
-    def submit(self, config: dict, priority: int = 0, enqueue: bool = True) -> str:
+    def submit(self, config: dict, priority: int = 0, enqueue: bool = True, project_id: str | None = None) -> str:
+        project_id = project_id or self.project_id
         with self.sessions.begin() as session:
             job, _ = repo.create_job(
-                session, project_id=self.project_id, config=config, name=config.get("name"), tags=[],
+                session, project_id=project_id, config=config, name=config.get("name"), tags=[],
                 priority=priority, max_attempts=config.get("max_attempts", 3),
                 max_steps=config.get("train", {}).get("max_steps"), idempotency_key=None, sweep_id=None,
             )
             job_id = job.id
         if enqueue:
-            self.enqueue(job_id, priority)
+            self.enqueue(job_id, priority, project_id)
         return job_id
 
-    def enqueue(self, job_id: str, priority: int = 0) -> None:
+    def enqueue(self, job_id: str, priority: int = 0, project_id: str | None = None) -> None:
         async def go() -> None:
             import redis.asyncio as aioredis
 
             client = aioredis.Redis.from_url(self.redis_url)
-            await JobQueue(client, self.prefix).enqueue(job_id, priority)
+            await JobQueue(client, self.prefix).enqueue(job_id, priority, project_id or self.project_id)
             await client.aclose()
 
         asyncio.run(go())

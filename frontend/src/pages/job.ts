@@ -2,9 +2,10 @@
 // (live charts of loss, validation, gradient norm before/after clipping, throughput),
 // its log tail and checkpoints, and the cancel and retry buttons.
 //
-// Live: the event stream (fetch + SSE) says when something changed; the page then reads
-// the new metric points, log lines and checkpoints from the API (events carry no history,
-// the database is the record), throttled to about once a second.
+// Live: the event stream (fetch + SSE, resumed with Last-Event-ID when it drops or the
+// server ends it) says when something changed; the page then reads the new metric points,
+// log lines and checkpoints from the API (the database is the record, and holds what came
+// before the page opened), throttled to about once a second.
 
 import { api, ApiError, download, followJob, isFinal, sleep, type StreamEvent } from "../api";
 import { Chart, PALETTE, type LineSpec } from "../charts";

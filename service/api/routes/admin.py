@@ -1,6 +1,7 @@
 """/v1/admin: what only the admin token (``UNROLL_ADMIN_TOKEN``) may do: create projects and
-their tokens, list tokens, revoke one. ``unroll token create | list | revoke`` do the same
-directly against the database."""
+their tokens, list tokens, revoke one; see projects and set their quotas. ``unroll token
+create | list | revoke`` and ``unroll project set | list`` do the same directly against the
+database."""
 
 from __future__ import annotations
 
@@ -13,13 +14,61 @@ from redis.exceptions import RedisError
 
 from service.api.deps import AdminDep, RuntimeDep
 from service.api.errors import responses
-from service.api.schemas import TokenCreate, TokenCreated, TokenList, TokenPublic
+from service.api.schemas import (
+    ProjectList,
+    ProjectPublic,
+    QuotaUpdate,
+    TokenCreate,
+    TokenCreated,
+    TokenList,
+    TokenPublic,
+)
 from service.store import revocations
 from service.store.db import repo
 from service.store.db.base import utcnow
+from service.store.quotas import NOTHING
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 log = logging.getLogger("unroll.api")
+
+
+ProjectName = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
+@router.get("/projects", response_model=ProjectList, summary="Every project: its quota and what it holds now", responses=responses(401, 503))
+async def list_projects(_admin: AdminDep, runtime: RuntimeDep) -> ProjectList:
+    async with runtime.sessions() as session:
+        return await session.run_sync(_projects)
+
+
+def _projects(session, name: str | None = None) -> ProjectList:
+    rows = [repo.get_project_by_name(session, name)] if name is not None else repo.list_projects(session)
+    usage, queued = repo.project_usage(session), repo.count_queued_by_project(session)
+    return ProjectList(projects=[ProjectPublic.of(p, usage.get(p.id, NOTHING), queued.get(p.id, 0)) for p in rows])
+
+
+@router.get("/projects/{project}", response_model=ProjectPublic, summary="One project: its quota and what it holds now", responses=responses(401, 404, 422, 503))
+async def get_project(project: ProjectName, _admin: AdminDep, runtime: RuntimeDep) -> ProjectPublic:
+    async with runtime.sessions() as session:
+        return (await session.run_sync(_projects, project)).projects[0]
+
+
+@router.patch(
+    "/projects/{project}",
+    response_model=ProjectPublic,
+    summary="Set a project's quota (the project too, if needed); null puts a bound back to the default",
+    responses=responses(401, 422, 503),
+)
+async def set_quota(project: ProjectName, body: QuotaUpdate, _admin: AdminDep, runtime: RuntimeDep) -> ProjectPublic:
+    async with runtime.sessions() as session, session.begin():
+        row = await session.run_sync(repo.set_quota, project, body.changes())
+        public = (await session.run_sync(_projects, project)).projects[0]
+    runtime.tokens.forget_project(row.id)  # this process at once
+    try:
+        await revocations.announce_project(runtime.redis, runtime.keys, row.id)
+    except (RedisError, OSError) as exc:
+        log.warning("announcing the new quota of %s failed (replicas apply it within the token cache time): %s", project, exc)
+    return public
 
 
 @router.post(
@@ -30,7 +79,7 @@ log = logging.getLogger("unroll.api")
     responses=responses(401, 422, 503),
 )
 async def create_token(
-    project: Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")],
+    project: ProjectName,
     _admin: AdminDep,
     runtime: RuntimeDep,
     body: Annotated[TokenCreate | None, Body()] = None,

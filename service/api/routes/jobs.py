@@ -5,12 +5,10 @@ project's job id is a 404, exactly like an unknown one."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request, Response, status
+from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
 
@@ -36,10 +34,10 @@ from service.api.submission import (
     job_fields,
     read_json,
 )
-from service.store import events as job_events
 from service.store.db import repo, states
 from service.store.db.errors import NotFound
 from service.store.db.models import JobState
+from service.store.quotas import queued_limit
 
 log = logging.getLogger("unroll.api")
 
@@ -49,16 +47,8 @@ JobId = Annotated[str, Path(min_length=1, max_length=64, description="A job id (
 # Bounds that keep every number inside a 64-bit database column.
 MAX_STEP = 2**62
 
-# Sent on an idle event stream so proxies and clients see it is alive.
-KEEPALIVE_S = 15.0
-
-
-async def publish(runtime: Runtime, job_id: str, event: dict[str, Any]) -> None:
-    """Tell live subscribers about a change the API made (best effort: the database has it)."""
-    try:
-        await job_events.publish(runtime.redis, job_id, event, prefix=runtime.settings.redis_prefix)
-    except (RedisError, OSError) as exc:
-        log.warning("publishing %s for %s failed: %s", event.get("type"), job_id, exc)
+# The state transitions routes make (cancel, retry) publish their events when their
+# transaction commits (service.store.db.outbox, wired in service.api.runtime).
 
 
 # --- submit and list --------------------------------------------------------------------------
@@ -94,7 +84,7 @@ async def submit_job(request: Request) -> Response:
         raise Invalid(_IDEMPOTENCY_KEY, f"must be 1 to {_MAX_KEY} characters")
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
-    config = check_config(await read_json(request), settings)
+    config = check_config(await read_json(request), settings, quota=project.quota)
     project_id = project.project_id
     # The common submission (no key, no dataset, the quota estimate trusted) touches the
     # database once: the INSERT, committed by itself and batched with concurrent ones
@@ -105,14 +95,14 @@ async def submit_job(request: Request) -> Response:
                 existing = await session.run_sync(repo.get_job_by_idempotency_key, project_id, idempotency_key)
                 if existing is not None:
                     return _job_response(existing, status.HTTP_200_OK)
-            await check_dataset(session, config, project_id)
-    await runtime.quota.check(project_id, 1, settings.max_queued_per_project)
+            await check_dataset(session, config, project_id, settings)
+    await runtime.quota.check(project_id, 1, queued_limit(project.quota, settings.max_queued_per_project))
     job, created = await runtime.inserts.insert(_job_values(project_id, config, idempotency_key))
     if not created:  # lost a race with the same key: the winner's job, as a repeat
         return _job_response(job, status.HTTP_200_OK)
     runtime.quota.added(project_id, 1)
     runtime.metrics.submissions.inc()
-    await runtime.enqueue_after_commit([(job.id, job.priority)])
+    await runtime.enqueue_after_commit([(job.id, job.priority, project_id)])
     return _job_response(job, status.HTTP_201_CREATED)
 
 
@@ -188,23 +178,20 @@ def _job_detail(session, job_id: str, project_id: str) -> JobPublic:
 )
 async def cancel_job(job_id: JobId, project: ProjectDep, runtime: RuntimeDep) -> JobPublic:
     async with runtime.sessions() as session, session.begin():
-        state, first_request, public = await session.run_sync(_cancel, job_id, project.project_id)
+        state, public = await session.run_sync(_cancel, job_id, project.project_id)
     if state == JobState.CANCELLED:
         try:
             await runtime.queue.remove(job_id)
         except (RedisError, OSError) as exc:  # a worker that claims it finds it cancelled anyway
             log.warning("removing cancelled job %s from the queue failed: %s", job_id, exc)
-    if first_request:
-        await publish(runtime, job_id, {"type": "state", "state": state.value, "cancel_requested": True})
     return public
 
 
-def _cancel(session, job_id: str, project_id: str) -> tuple[JobState, bool, JobPublic]:
+def _cancel(session, job_id: str, project_id: str) -> tuple[JobState, JobPublic]:
     job = repo.get_job(session, job_id, project_id)
-    first_request = job.cancel_requested_at is None and not JobState(job.state).terminal
     state = states.request_cancel(session, job_id)
     session.refresh(job)
-    return state, first_request, JobPublic.of(job)
+    return state, JobPublic.of(job)
 
 
 @router.post(
@@ -218,11 +205,11 @@ async def retry_job(job_id: JobId, project: ProjectDep, runtime: RuntimeDep) -> 
     settings = runtime.settings
     async with runtime.sessions() as session, session.begin():
         await session.run_sync(repo.get_job, job_id, project.project_id)
-        await runtime.quota.check(project.project_id, 1, settings.max_queued_per_project, counter(session))
+        await runtime.quota.check(project.project_id, 1, queued_limit(project.quota, settings.max_queued_per_project), counter(session))
         public = await session.run_sync(_retry, job_id)
     runtime.quota.added(project.project_id, 1)
-    await runtime.enqueue_after_commit([(public.id, public.priority)])
-    await publish(runtime, job_id, {"type": "state", "state": "queued", "attempt": public.attempt})
+    await runtime.publisher.flush()  # its `queued` event is in the stream before any claim can be
+    await runtime.enqueue_after_commit([(public.id, public.priority, project.project_id)])
     return public
 
 
@@ -231,6 +218,28 @@ def _retry(session, job_id: str) -> JobPublic:
     job = repo.get_job(session, job_id)
     session.refresh(job)
     return JobPublic.of(job)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    summary="Delete a finished job and everything it produced",
+    description="Only a succeeded, failed or cancelled job (409 for a queued or running one: cancel it "
+    "first). Its row, attempts, metrics, logs and checkpoint records go in one transaction, then its "
+    "checkpoint files. A sweep's job may be deleted: the sweep then counts one job fewer.",
+    responses=responses(401, 404, 409, 503),
+)
+async def delete_job(job_id: JobId, project: ProjectDep, runtime: RuntimeDep) -> Response:
+    async with runtime.sessions() as session, session.begin():
+        uris = await session.run_sync(repo.delete_job, job_id, project.project_id)  # 404, 409
+    try:  # a cancelled job whose removal from the queue failed may still be there
+        await runtime.queue.remove(job_id)
+    except (RedisError, OSError) as exc:  # a worker that takes it finds no job
+        log.warning("removing deleted job %s from the queue failed: %s", job_id, exc)
+    # The rows are committed as gone: now the files (what cannot be removed is logged).
+    await asyncio.to_thread(runtime.store.discard, uris, [runtime.store.job_folder(job_id)])
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 # --- what a job produced ----------------------------------------------------------------------
@@ -339,49 +348,53 @@ async def download_checkpoint(
 
 # --- live events ------------------------------------------------------------------------------
 
+_EVENTS_DOC = """Server-Sent Events of one job (docs/operations.md, "Live event streams").
 
-def sse(event: str, data: dict[str, Any]) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'), default=str)}\n\n"
+Each event has an `id:` (resume with a `Last-Event-ID` header holding the last one seen), an
+`event:` name (its type) and `data:`, a JSON object with `type`, `job_id`, `ts`:
+
+- `state`: the job changed state: `state`, `attempt`, `transition` (claim, lost, hand_back,
+  finish, unplaceable, cancel, cancel_requested, retry), `worker`, `error`, `reason`. A fresh
+  stream starts with one holding the whole job (`snapshot: true`).
+- `progress`: `step`, `max_steps`, `progress`, `loss`. `metrics`: the latest value of each
+  series (`values`, `steps`), at most a few a second. `log`: the job's new log lines (`lines`).
+- `end`: the stream ends before the job (`reason`: max_duration, after
+  UNROLL_STREAM_MAX_SECONDS; slow_consumer); reconnect with Last-Event-ID.
+  `error`: Redis broke the stream; reconnect likewise.
+
+The response completes right after the job's final `state` event (at once on a finished
+job). A comment (`: keep-alive`) comes every UNROLL_STREAM_KEEPALIVE_SECONDS when idle. At
+most UNROLL_MAX_STREAMS_PER_PROJECT streams per project are open on one API process (429)."""
 
 
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
-    summary="Live events (Server-Sent Events)",
-    description="First one `state` event with the whole job as it is now (from the database), "
-    "then live events as they happen: `state`, `progress`, `metrics`, `log` (each a JSON object "
-    "with `type`, `job_id`, `ts`). Comments (`: keep-alive`) every 15 s when idle. The stream "
-    "ends after the job reaches a final state.",
+    summary="Live events (Server-Sent Events), resumable with Last-Event-ID",
+    description=_EVENTS_DOC,
     responses={
         200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "An event stream"},
-        **responses(401, 404, 503),
+        **responses(401, 404, 422, 503),
+        429: {**responses(429)[429], "description": "This project has UNROLL_MAX_STREAMS_PER_PROJECT streams open here"},
     },
 )
-async def job_events_stream(job_id: JobId, project: ProjectDep, runtime: RuntimeDep) -> StreamingResponse:
-    async with runtime.sessions() as session:
-        await session.run_sync(repo.get_job, job_id, project.project_id)  # 404 before streaming
-    # Subscribe before reading the current state, so no event falls between the two.
-    subscription = job_events.subscribe(runtime.redis, job_id, prefix=runtime.settings.redis_prefix)
-    await subscription.__aenter__()
-    try:
+async def job_events_stream(
+    job_id: JobId,
+    project: ProjectDep,
+    runtime: RuntimeDep,
+    last_event_id: Annotated[
+        str | None, Header(alias="Last-Event-ID", max_length=64, description="The `id:` of the last event seen: resume after it")
+    ] = None,
+) -> StreamingResponse:
+    project_id = project.project_id
+
+    async def snapshot() -> dict[str, Any]:  # NotFound (404) for another project's job
         async with runtime.sessions() as session:
-            current = await session.run_sync(_job_detail, job_id, project.project_id)
-    except BaseException:
-        await subscription.aclose()
-        raise
+            current = await session.run_sync(_job_detail, job_id, project_id)
+        return {"type": "state", "job_id": job_id, "snapshot": True, **current.model_dump(mode="json")}
 
-    async def stream() -> AsyncIterator[str]:
-        snapshot = {"type": "state", "job_id": job_id, "snapshot": True, **current.model_dump(mode="json")}
-        try:
-            async for event in job_events.follow(subscription, snapshot, KEEPALIVE_S):
-                yield ": keep-alive\n\n" if event is None else sse(str(event.get("type") or "message"), event)
-        except (RedisError, OSError) as exc:
-            yield sse("error", {"type": "error", "message": f"event stream interrupted: {exc}"})
-        finally:
-            await subscription.aclose()
+    async def state() -> str:
+        async with runtime.sessions() as session:
+            return (await session.run_sync(repo.get_job, job_id, project_id)).state.value
 
-    return StreamingResponse(
-        stream(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return await runtime.streams.respond(project_id, job_id, last_event_id, snapshot, state)

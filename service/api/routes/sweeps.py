@@ -23,6 +23,7 @@ from service.store import sweeps
 from service.store.db import repo, states
 from service.store.db.base import utcnow
 from service.store.db.models import Job, JobState
+from service.store.quotas import queued_limit
 from trainer.config import JobConfig
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
@@ -41,10 +42,13 @@ async def create_sweep(body: SweepCreate, project: ProjectDep, runtime: RuntimeD
     n = sweeps.grid_size(body.grid, body.seeds)
     if n > settings.max_sweep_jobs:
         raise Invalid("grid", f"the sweep expands to {n} jobs; at most {settings.max_sweep_jobs} are allowed")
+    bad = body.unstorable()
+    if bad is not None:
+        raise Invalid(*bad)
     configs: list[JobConfig] = []
     for raw, point, seed in sweeps.expand(body.base, body.grid, body.seeds):
         try:
-            config = check_config(raw, settings, prefix="base.")
+            config = check_config(raw, settings, prefix="base.", quota=project.quota)
         except ApiError as exc:
             raise _blame_grid(exc, point) from None
         name = sweeps.point_name(body.name or config.name, point, seed, body.seeds)
@@ -57,8 +61,8 @@ async def create_sweep(body: SweepCreate, project: ProjectDep, runtime: RuntimeD
             dataset = data_field(config, "dataset")
             if dataset is not None and dataset not in checked:
                 checked.add(dataset)
-                await check_dataset(session, config, project.project_id, prefix="base.")
-        await runtime.quota.check(project.project_id, len(configs), settings.max_queued_per_project, counter(session))
+                await check_dataset(session, config, project.project_id, settings, prefix="base.")
+        await runtime.quota.check(project.project_id, len(configs), queued_limit(project.quota, settings.max_queued_per_project), counter(session))
         public, queued = await session.run_sync(_create, project.project_id, body, configs)
     runtime.quota.added(project.project_id, len(queued))
     runtime.metrics.submissions.inc(len(queued))
@@ -87,7 +91,7 @@ def _create(session, project_id: str, body: SweepCreate, configs) -> tuple[Sweep
     queued = []
     for config in configs:
         job, _ = repo.create_job(session, project_id=project_id, sweep_id=sweep.id, **job_fields(config))
-        queued.append((job.id, job.priority))
+        queued.append((job.id, job.priority, project_id))
     return _summary(session, sweep), queued
 
 

@@ -37,3 +37,13 @@ class StaleAttempt(DatabaseError):
         super().__init__(f"attempt {attempt} of job {job_id!r} is not the running attempt")
         self.job_id = job_id
         self.attempt = attempt
+
+
+class InUse(DatabaseError):
+    """The object is still used (a dataset by queued or running jobs): 409."""
+
+    def __init__(self, kind: str, object_id: str, users: list[str]) -> None:
+        super().__init__(f"{kind} {object_id!r} is used by {', '.join(users)}")
+        self.kind = kind
+        self.object_id = object_id
+        self.users = users

@@ -44,6 +44,12 @@ class Project(Base):
     id: Mapped[str] = mapped_column(sa.String(ID_LENGTH), primary_key=True, default=lambda: new_id("project"))
     name: Mapped[str] = mapped_column(sa.String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The project's quota (service.store.quotas.Quota); NULL: the deployment's default.
+    max_running: Mapped[int | None]
+    max_cpus: Mapped[float | None] = mapped_column(sa.Double)
+    max_gpus: Mapped[float | None] = mapped_column(sa.Double)
+    max_priority: Mapped[int | None]
+    max_queued: Mapped[int | None]
 
 
 class ApiToken(Base):
@@ -104,6 +110,10 @@ class Job(Base):
 
     state: Mapped[JobState] = mapped_column(_enum(JobState, "state"))
     priority: Mapped[int]
+    # What the job holds while it runs, all its workers together (resources.cpus and
+    # .gpus times .workers): a project's usage is a SUM over its running jobs.
+    cpus: Mapped[float] = mapped_column(sa.Double)
+    gpus: Mapped[float] = mapped_column(sa.Double)
     # Number of the latest try: 0 before the first claim, +1 at every claim. Monotonic, so
     # an old attempt can never pass the fence again (also across retries).
     attempt: Mapped[int]
@@ -140,6 +150,8 @@ class Job(Base):
 
 # The dispatch order: highest priority first, then oldest (claim_next, queued_job_ids).
 sa.Index("ix_jobs_dispatch", Job.state, Job.priority.desc(), Job.created_at)
+# What each project's running jobs hold (repo.project_usage: fair share and quotas).
+sa.Index("ix_jobs_running_project", Job.state, Job.project_id)
 
 
 class Attempt(Base):

@@ -19,6 +19,11 @@ an old attempt can never pass the fence again. Only tries after the last retry c
 against max_attempts (`retry_base`), and not those a dispatcher handed back on a clean
 stop (hand_back moves `retry_base` up by one).
 
+Each transition also adds its `state` event (the new state, the attempt number, which
+transition, and the error or reason) to the session's outbox (service.store.db.outbox):
+it is published when the caller commits, and dropped if it does not. Publishing follows
+from the transition; no caller publishes one itself.
+
 Timestamps come from the caller's clock (`now`, default: this machine's UTC time);
 dispatchers and workers are assumed NTP-synchronised, well within a lease.
 """
@@ -31,6 +36,8 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from service.store import events
+from service.store.db import outbox
 from service.store.db.base import utcnow
 from service.store.db.errors import IllegalTransition, NotFound, StaleAttempt
 from service.store.db.models import (
@@ -89,6 +96,11 @@ def _claim_values(worker: str, lease: timedelta, now: datetime) -> dict[str, obj
     }
 
 
+def _announce(session: Session, job_id: str, transition: str, state: JobState, attempt: int, **fields: object) -> None:
+    """The state event of a transition, published if the caller commits (see the docstring)."""
+    outbox.add(session, job_id, events.state_event(JobState(state).value, attempt, transition, **fields))
+
+
 def _open_attempt(session: Session, job_id: str, number: int, worker: str, now: datetime) -> None:
     session.execute(sa.insert(Attempt).values(job_id=job_id, number=number, worker=worker, started_at=now))
 
@@ -119,6 +131,7 @@ def claim(
     if row is None:
         return None
     _open_attempt(session, job_id, row.attempt, worker, now)
+    _announce(session, job_id, "claim", JobState.RUNNING, row.attempt, worker=worker)
     return row.attempt
 
 
@@ -152,6 +165,7 @@ def claim_next(
         ).first()
         if row is not None:
             _open_attempt(session, row.id, row.attempt, worker, now)
+            _announce(session, row.id, "claim", JobState.RUNNING, row.attempt, worker=worker)
             return Claim(row.id, row.attempt)
         # Nothing claimed: either nothing is eligible, or every candidate was taken by a
         # concurrent claimer between our snapshot and our lock. Only the latter retries.
@@ -253,12 +267,13 @@ def requeue_lost(
                 else None
             ),
         )
-        .returning(Job.state)
+        .returning(Job.state, Job.error)
         .execution_options(**_SYNC)
     ).first()
     if row is None:
         return None
     _close_attempt(session, job_id, attempt, AttemptOutcome.LOST, reason, now)
+    _announce(session, job_id, "lost" if counted else "hand_back", row.state, attempt, reason=reason, error=row.error)
     return row.state
 
 
@@ -299,6 +314,7 @@ def finish(
     if result.rowcount != 1:
         return False
     _close_attempt(session, job_id, attempt, _OUTCOMES[state], error, now)
+    _announce(session, job_id, "finish", state, attempt, error=error)
     return True
 
 
@@ -307,13 +323,17 @@ def fail_unplaceable(session: Session, job_id: str, error: str, *, now: datetime
     with its error instead of coming back to the queue and stalling the jobs behind it. No
     attempt ran, so none is closed. False if the job is no longer queued."""
     now = now or utcnow()
-    result = session.execute(
+    row = session.execute(
         sa.update(Job)
         .where(Job.id == job_id, Job.state == JobState.QUEUED)
         .values(state=JobState.FAILED, error=error, finished_at=now, pending_reason=None)
+        .returning(Job.attempt)
         .execution_options(**_SYNC)
-    )
-    return result.rowcount == 1
+    ).first()
+    if row is None:
+        return False
+    _announce(session, job_id, "unplaceable", JobState.FAILED, row.attempt, error=error)
+    return True
 
 
 def _cancel_values(now: datetime) -> dict[str, object]:
@@ -327,6 +347,18 @@ def _cancel_values(now: datetime) -> dict[str, object]:
     }
 
 
+def _not_yet_cancelled() -> sa.ColumnElement[bool]:
+    # A running job asked once already is left alone (and announced once).
+    return sa.or_(Job.cancel_requested_at.is_(None), Job.state == JobState.QUEUED)
+
+
+def _announce_cancel(session: Session, job_id: str, state: JobState, attempt: int) -> None:
+    if state == JobState.CANCELLED:
+        _announce(session, job_id, "cancel", state, attempt)
+    else:
+        _announce(session, job_id, "cancel_requested", state, attempt, cancel_requested=True)
+
+
 def request_cancel(session: Session, job_id: str, *, now: datetime | None = None) -> JobState:
     """Cancel a job; idempotent. queued → cancelled; running → cancel requested (the state
     stays running until the attempt finishes); a finished job is left alone. Returns the
@@ -334,12 +366,13 @@ def request_cancel(session: Session, job_id: str, *, now: datetime | None = None
     now = now or utcnow()
     row = session.execute(
         sa.update(Job)
-        .where(Job.id == job_id, unfinished())
+        .where(Job.id == job_id, unfinished(), _not_yet_cancelled())
         .values(**_cancel_values(now))
-        .returning(Job.state)
+        .returning(Job.state, Job.attempt)
         .execution_options(**_SYNC)
     ).first()
     if row is not None:
+        _announce_cancel(session, job_id, row.state, row.attempt)
         return row.state
     state = _current_state(session, job_id)
     if state is None:
@@ -356,13 +389,17 @@ def cancel_sweep(session: Session, sweep_id: str, *, now: datetime | None = None
         .values(cancel_requested_at=now)
         .execution_options(**_SYNC)
     )
-    result = session.execute(
+    affected = session.execute(sa.select(sa.func.count()).where(Job.sweep_id == sweep_id, unfinished())).scalar_one()
+    rows = session.execute(
         sa.update(Job)
-        .where(Job.sweep_id == sweep_id, unfinished())
+        .where(Job.sweep_id == sweep_id, unfinished(), _not_yet_cancelled())
         .values(**_cancel_values(now))
+        .returning(Job.id, Job.state, Job.attempt)
         .execution_options(**_SYNC)
-    )
-    return result.rowcount
+    ).all()
+    for row in rows:
+        _announce_cancel(session, row.id, row.state, row.attempt)
+    return affected
 
 
 def is_cancel_requested(session: Session, job_id: str, attempt: int) -> bool:
@@ -402,6 +439,7 @@ def retry(session: Session, job_id: str, *, now: datetime | None = None) -> int:
         .execution_options(**_SYNC)
     ).first()
     if row is not None:
+        _announce(session, job_id, "retry", JobState.QUEUED, row.attempt)
         return row.attempt
     state = _current_state(session, job_id)
     if state is None:

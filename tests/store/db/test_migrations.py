@@ -3,6 +3,7 @@ with the migrations (autogenerate finds nothing to do)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -35,7 +36,7 @@ def test_upgrade_to_head_and_back_to_base(empty_db_url: str) -> None:
     assert current(empty_db_url) is None
     upgrade(empty_db_url)
     assert _tables(empty_db_url) == TABLES
-    assert current(empty_db_url) == "0002"
+    assert current(empty_db_url) == "0003"
     downgrade(empty_db_url, "base")
     assert _tables(empty_db_url) == set()
     assert current(empty_db_url) is None
@@ -81,5 +82,36 @@ def test_metric_blocks_are_backfilled_from_existing_points(empty_db_url: str) ->
         upgrade(empty_db_url)
         with Session(engine) as session:
             assert stored_blocks(session, "job_x", "loss") == brute_blocks(values)
+    finally:
+        engine.dispose()
+
+
+def test_jobs_resources_are_backfilled_from_their_configs(empty_db_url: str) -> None:
+    # A database at 0002 holds jobs: 0003 must say what each holds (cpus x workers), or a
+    # project's running jobs would count as one CPU each against its quota.
+    downgrade(empty_db_url, "base")
+    upgrade(empty_db_url, "0002")
+    configs = {
+        "job_default": {"data": {"kind": "adding"}},
+        "job_group": {"data": {"kind": "adding"}, "resources": {"cpus": 2, "gpus": 0.5, "workers": 3}},
+        "job_half": {"data": {"kind": "adding"}, "resources": {"cpus": 0.5}},
+    }
+    engine = make_engine(empty_db_url, poolclass=NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO projects (id, name, created_at) VALUES ('project_a', 'a', CURRENT_TIMESTAMP)"))
+            for job_id, config in configs.items():
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO jobs (id, project_id, tags, config, state, priority, attempt, max_attempts, retry_base,"
+                        " step, progress, created_at, updated_at) VALUES (:id, 'project_a', '[]', :config, 'running', 0, 1, 3, 0,"
+                        " 0, 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                    ),
+                    {"id": job_id, "config": json.dumps(config)},
+                )
+        upgrade(empty_db_url)
+        with engine.connect() as conn:
+            held = {row.id: (row.cpus, row.gpus) for row in conn.execute(sa.text("SELECT id, cpus, gpus FROM jobs"))}
+        assert held == {"job_default": (1.0, 0.0), "job_group": (6.0, 1.5), "job_half": (0.5, 0.0)}
     finally:
         engine.dispose()

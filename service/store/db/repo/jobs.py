@@ -14,14 +14,21 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from service.store.db.base import new_id, utcnow
-from service.store.db.errors import NotFound
+from service.store.db.errors import IllegalTransition, NotFound
 from service.store.db.models import (
+    TERMINAL_STATES,
+    Attempt,
+    Checkpoint,
     Job,
+    JobLog,
     JobState,
+    Metric,
+    MetricBlock,
 )
 from service.store.db.repo.common import get_owned
 from service.store.db.rules import claimable
-from trainer.config import JobConfig
+from service.store.quotas import Usage
+from trainer.config import JobConfig, ResourcesConfig
 
 
 def create_job(session: Session, **fields: Any) -> tuple[Job, bool]:
@@ -138,17 +145,17 @@ def set_pending_reason(session: Session, job_id: str, reason: str | None) -> boo
 # -- dispatch ---------------------------------------------------------------------------
 
 
-def dispatchable_jobs(session: Session, *, now: datetime | None = None, limit: int = 10_000) -> list[tuple[str, int]]:
-    """(id, priority) of queued jobs that may be claimed now, in dispatch order: what the
+def dispatchable_jobs(session: Session, *, now: datetime | None = None, limit: int = 10_000) -> list[tuple[str, int, str]]:
+    """(id, priority, project id) of queued jobs that may be claimed now, in dispatch order: what the
     reconciler makes sure the Redis queue holds (backing-off jobs join when they are due)."""
     now = now or utcnow()
     rows = session.execute(
-        sa.select(Job.id, Job.priority)
+        sa.select(Job.id, Job.priority, Job.project_id)
         .where(claimable(now))
         .order_by(Job.priority.desc(), Job.created_at, Job.id)
         .limit(limit)
     ).all()
-    return [(row.id, row.priority) for row in rows]
+    return [(row.id, row.priority, row.project_id) for row in rows]
 
 
 def cancel_overdue(session: Session, job_ids: Iterable[str], *, grace_seconds: float, now: datetime | None = None) -> list[tuple[str, int]]:
@@ -168,6 +175,35 @@ def cancel_overdue(session: Session, job_ids: Iterable[str], *, grace_seconds: f
     return [(row.id, row.attempt) for row in rows]
 
 
+def project_usage(session: Session) -> dict[str, Usage]:
+    """What each project's running jobs hold now (every dispatcher's): fair share and
+    quotas. One GROUP BY over the running jobs (ix_jobs_running_project)."""
+    rows = session.execute(
+        sa.select(Job.project_id, sa.func.count(), sa.func.sum(Job.cpus), sa.func.sum(Job.gpus))
+        .where(Job.state == JobState.RUNNING)
+        .group_by(Job.project_id)
+    ).all()
+    return {project: Usage(count, float(cpus or 0.0), float(gpus or 0.0)) for project, count, cpus, gpus in rows}
+
+
+def count_queued_by_project(session: Session) -> dict[str, int]:
+    rows = session.execute(sa.select(Job.project_id, sa.func.count()).where(Job.state == JobState.QUEUED).group_by(Job.project_id)).all()
+    return {project: count for project, count in rows}
+
+
+def set_project_pending_reason(session: Session, project_id: str, reason: str | None, *, replacing: str | None = None) -> int:
+    """Say `reason` on every queued job of the project (the project is at its quota), or,
+    with `replacing`, only on those that say `replacing` (None and replacing: the quota
+    no longer holds them back). Returns the rows changed."""
+    stmt = sa.update(Job).where(Job.project_id == project_id, Job.state == JobState.QUEUED)
+    if replacing is not None:
+        stmt = stmt.where(Job.pending_reason == replacing)
+    elif reason is not None:
+        stmt = stmt.where(sa.or_(Job.pending_reason.is_(None), Job.pending_reason != reason))
+    result = session.execute(stmt.values(pending_reason=reason).execution_options(synchronize_session=False))
+    return result.rowcount
+
+
 # --- service-wide counts (the API's /metrics) --------------------------------------------
 
 
@@ -179,7 +215,7 @@ def count_jobs_by_state(session: Session) -> dict[JobState, int]:
 
 # The columns a new job is inserted with; every other column of `jobs` starts NULL.
 JOB_INSERT_COLUMNS = (
-    "id", "project_id", "sweep_id", "name", "tags", "config", "state", "priority", "attempt",
+    "id", "project_id", "sweep_id", "name", "tags", "config", "state", "priority", "cpus", "gpus", "attempt",
     "max_attempts", "retry_base", "step", "max_steps", "progress", "idempotency_key",
     "created_at", "updated_at",
 )
@@ -205,6 +241,7 @@ def new_job_values(
     place a job row is built. The fields that come from the job's config default to the
     config schema's own defaults."""
     now = now or utcnow()
+    cpus, gpus = held_resources(config)
     return {
         "id": new_id("job"),
         "project_id": project_id,
@@ -214,6 +251,8 @@ def new_job_values(
         "config": dict(config),
         "state": JobState.QUEUED,
         "priority": priority,
+        "cpus": cpus,
+        "gpus": gpus,
         "attempt": 0,
         "max_attempts": max_attempts,
         "retry_base": 0,
@@ -224,6 +263,13 @@ def new_job_values(
         "created_at": now,
         "updated_at": now,
     }
+
+
+def held_resources(config: Mapping[str, Any]) -> tuple[float, float]:
+    """(CPUs, GPUs) a job of this (validated) config holds while it runs, all its workers
+    together, with the trainer's defaults for what it leaves out."""
+    resources = ResourcesConfig.model_validate(config.get("resources") or {})
+    return resources.cpus * resources.workers, resources.gpus * resources.workers
 
 
 def new_job_row(values: Mapping[str, Any]) -> Any:
@@ -271,3 +317,38 @@ def _insert_job_statement(dialect: str) -> Any:
     # NULL keys never conflict, so one statement serves submissions with and without a key.
     stmt = stmt.on_conflict_do_nothing(index_elements=["project_id", "idempotency_key"])
     return stmt.returning(table.c.id)
+
+
+# --- deletion (DELETE /v1/jobs/{id}) ---------------------------------------------------------
+
+# Everything recorded about a job, besides its row. metrics and metric_blocks have no foreign
+# key (see their models), so no cascade reaches them: each table is deleted explicitly.
+_JOB_CHILDREN = (Metric, MetricBlock, JobLog, Checkpoint, Attempt)
+
+
+def delete_job(session: Session, job_id: str, project_id: str | None = None) -> list[str]:
+    """Delete a job that has ended and everything recorded about it (attempts, checkpoint
+    records, log lines, metric points and blocks). Returns the URIs of its checkpoint files,
+    which the caller removes after the commit: a file that cannot be removed is an orphan,
+    never a row that points at nothing.
+
+    NotFound for an unknown job or another project's. IllegalTransition while it is queued
+    or running (its attempt would go on writing): cancel it first. The DELETE itself is
+    conditional on a final state, so a concurrent retry either happens before (409) or finds
+    no job."""
+    job = get_job(session, job_id, project_id)
+    if not JobState(job.state).terminal:
+        raise IllegalTransition(job_id, JobState(job.state).value, "delete a job that has not ended: cancel it first")
+    uris = list(session.execute(sa.select(Checkpoint.uri).where(Checkpoint.job_id == job_id)).scalars())
+    deleted = session.execute(
+        sa.delete(Job).where(Job.id == job_id, Job.state.in_(TERMINAL_STATES)).execution_options(synchronize_session=False)
+    ).rowcount
+    if deleted != 1:  # retried (or deleted) since it was read
+        current = session.execute(sa.select(Job.state).where(Job.id == job_id)).scalar_one_or_none()
+        if current is None:
+            raise NotFound("job", job_id)
+        raise IllegalTransition(job_id, JobState(current).value, "delete a job that has not ended: cancel it first")
+    for table in _JOB_CHILDREN:
+        session.execute(sa.delete(table).where(table.job_id == job_id).execution_options(synchronize_session=False))
+    session.expunge(job)
+    return uris

@@ -1,5 +1,5 @@
-"""What an attempt leaves besides metrics: checkpoints (records of stored files) and log
-lines, both fenced."""
+"""What an attempt leaves besides metrics: checkpoints (records of stored files, the oldest
+pruned past train.keep_checkpoints) and log lines, both fenced."""
 
 from __future__ import annotations
 
@@ -52,6 +52,28 @@ def add_checkpoint(
     )
     if session.execute(stmt, execution_options=ROWCOUNT).rowcount == 0:
         raise StaleAttempt(job_id, attempt)
+
+
+def prune_checkpoints(session: Session, job_id: str, keep: int) -> list[str]:
+    """Delete the job's checkpoint records older than its newest `keep`
+    (train.keep_checkpoints); returns their files' URIs, for the caller to remove after the
+    commit. The newest, which a resumed attempt starts from, is always kept. Call it in the
+    transaction whose add_checkpoint (fenced) recorded the new one: a stale attempt never
+    gets this far."""
+    old = session.execute(
+        sa.select(Checkpoint.step, Checkpoint.uri)
+        .where(Checkpoint.job_id == job_id)
+        .order_by(Checkpoint.step.desc())
+        .offset(max(1, keep))
+    ).all()
+    if not old:
+        return []
+    session.execute(
+        sa.delete(Checkpoint)
+        .where(Checkpoint.job_id == job_id, Checkpoint.step.in_([row.step for row in old]))
+        .execution_options(synchronize_session=False)
+    )
+    return [row.uri for row in old]
 
 
 def list_checkpoints(session: Session, job_id: str) -> list[Checkpoint]:

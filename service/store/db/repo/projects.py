@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Mapping
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -16,6 +18,7 @@ from service.store.db.models import (
     ApiToken,
     Project,
 )
+from service.store.quotas import Quota
 
 
 def get_project(session: Session, project_id: str) -> Project:
@@ -37,6 +40,41 @@ def get_or_create_project(session: Session, name: str) -> Project:
         return project
     except IntegrityError:
         return session.execute(sa.select(Project).where(Project.name == name)).scalar_one()
+
+
+def quota_of(project: Project) -> Quota:
+    return Quota(**{name: getattr(project, name) for name in Quota.names()})
+
+
+def set_quota(session: Session, name: str, changes: Mapping[str, Any]) -> Project:
+    """Set some bounds of the project's quota (None: back to the default); the project is
+    created if needed, so an admin can bound a project before it has a token."""
+    unknown = set(changes) - set(Quota.names())
+    if unknown:
+        raise ValueError(f"no quota named {', '.join(sorted(unknown))}")
+    project = get_or_create_project(session, name)
+    for field, value in changes.items():
+        setattr(project, field, value)
+    session.flush()
+    return project
+
+
+def project_quotas(session: Session) -> dict[str, tuple[str, Quota]]:
+    """project id -> (name, quota) of every project with a quota set (the dispatcher's
+    view; a project absent has the defaults)."""
+    bounded = sa.or_(*(getattr(Project, name).is_not(None) for name in Quota.names()))
+    return {p.id: (p.name, quota_of(p)) for p in session.execute(sa.select(Project).where(bounded)).scalars()}
+
+
+def list_projects(session: Session, *, limit: int = 10_000) -> list[Project]:
+    return list(session.execute(sa.select(Project).order_by(Project.name).limit(limit)).scalars())
+
+
+def get_project_by_name(session: Session, name: str) -> Project:
+    project = session.execute(sa.select(Project).where(Project.name == name)).scalar_one_or_none()
+    if project is None:
+        raise NotFound("project", name)
+    return project
 
 
 TOKEN_PREFIX = "unroll_"

@@ -1,0 +1,64 @@
+"""One project's requests in flight are bounded per API process (service.api.admission):
+past the bound a 429 with Retry-After, while another project is served as usual. On
+c069bd3 nothing bounded them: bench/tenancy.py measured another project's p99 under such a
+flood at 10x its quiet value."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+
+from service.api.app import create_app
+from tests.api.helpers import LiveServer, auth
+
+
+def _stalled_upload(port: int, token: str) -> socket.socket:
+    """A request that stays in progress: an upload whose body never finishes."""
+    conn = socket.create_connection(("127.0.0.1", port))
+    conn.sendall(
+        f"POST /v1/datasets?name=slow.txt HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n"
+        "Content-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\nabc".encode()
+    )
+    return conn
+
+
+def _answered(conn: socket.socket) -> bool:
+    conn.setblocking(False)
+    try:
+        answered = bool(conn.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
+        answered = False
+    conn.setblocking(True)
+    if answered:
+        conn.close()
+    return answered
+
+
+def test_a_project_past_its_requests_in_flight_gets_429_and_others_do_not(settings, make_token, redis_client):
+    settings.max_requests_per_project = 2
+    flooding, other = make_token("flooding"), make_token("other")
+    with LiveServer(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=10) as http:
+        assert http.get("/v1/jobs", headers=auth(flooding)).status_code == 200  # its token is cached now
+        stalled = [_stalled_upload(server.port, flooding) for _ in range(2)]
+        try:
+            deadline = time.monotonic() + 10
+            while (refused := http.get("/v1/jobs", headers=auth(flooding))).status_code == 200 and time.monotonic() < deadline:
+                # An upload that arrived while a GET was in progress was itself refused:
+                # it has an answer. Send it again, until both are in progress at once.
+                stalled = [_stalled_upload(server.port, flooding) if _answered(conn) else conn for conn in stalled]
+                time.sleep(0.05)
+            assert refused.status_code == 429, refused.text
+            assert refused.headers["Retry-After"] == "1" and "UNROLL_MAX_REQUESTS_PER_PROJECT" in refused.json()["error"]["message"]
+            assert http.get("/v1/jobs", headers=auth(other)).status_code == 200
+            assert http.get("/healthz").status_code == 200
+        finally:
+            for conn in stalled:
+                conn.close()
+        for _ in range(200):  # the server notices the closed connections
+            if http.get("/v1/jobs", headers=auth(flooding)).status_code == 200:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the project's slots were not given back")
