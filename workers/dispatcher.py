@@ -375,16 +375,14 @@ class Dispatcher:
 
     async def _requeue(self, job_id: str, attempt: int, reason: str, *, require_expired: bool) -> JobState | None:
         delay = backoff_seconds(self.settings, attempt)
-        state = await self.db(
-            states.requeue_lost, job_id, attempt, reason=reason, backoff_seconds=delay, require_expired=require_expired
-        )
+        # Due jobs reach the queue through the reconciler once their backoff has passed.
+        state = await self.db(states.requeue_lost, job_id, attempt, reason=reason, backoff_seconds=delay, require_expired=require_expired)
         if state is None:
             return None
         if state == JobState.QUEUED:
             self.metrics.retries.labels("lease_expired" if require_expired else "attempt_lost").inc()
         log.info("job %s attempt %d: %s -> %s (retry after %.1fs)", job_id, attempt, reason, state.value, delay, extra=_ctx(job_id, attempt, self.name))
         return state
-        # Due jobs reach the queue through the reconciler once their backoff has passed.
 
     # -- maintenance ------------------------------------------------------------------------
 
@@ -407,6 +405,7 @@ class Dispatcher:
             self._last_reconcile = time.monotonic()
             await self.reconcile()
             self.fair.resay()
+        await self.fair.refresh((await asyncio.to_thread(self._cluster)).totals)  # also when full
         await self._heartbeat()
 
     async def reconcile(self) -> int:

@@ -26,7 +26,7 @@ from tests.api.helpers import JOB, auth
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-BUDGET_S = 20  # per database; the run stops starting batches past it
+BUDGET_S = 10  # per database; the run stops starting batches past it
 SCENARIOS_PER_BATCH = 10
 STEPS_PER_SCENARIO = 10
 

@@ -57,7 +57,12 @@ def _wait_for(check, timeout: float, what: str, stack) -> None:
 
 
 def _end_queued(stack) -> None:
-    """Leftover queued jobs would run in the module's next test: cancel them."""
+    """Leftover jobs would run in the module's next test: stop the dispatchers (which hand
+    their running jobs back to the queue), then cancel every queued job."""
+    for proc in stack.workers:
+        proc.terminate()
+    for proc in stack.workers:
+        proc.wait(30)
     with stack.sessions.begin() as session:
         session.execute(sa.update(Job).where(Job.state == JobState.QUEUED).values(state=JobState.CANCELLED))
 
@@ -85,20 +90,20 @@ def test_a_flood_of_one_project_does_not_make_another_wait_behind_it(stack):
 def test_a_project_at_its_quota_waits_with_a_reason_while_others_run(stack):
     capped = _project(stack, "capped", max_running=1)
     free = _project(stack, "free")
-    capped_jobs = [stack.submit(tiny_config(120), project_id=capped) for _ in range(3)]
+    # The free project's job and the capped project's first fill both CPUs: the reason
+    # must be said while nothing else can start.
+    other = stack.submit(tiny_config(300), project_id=free)
+    capped_jobs = [stack.submit(tiny_config(60), project_id=capped) for _ in range(3)]
     stack.start_worker()
     try:
-        reasons: set[str] = set()
+        seen: set[str] = set()
 
         def second_waits_with_a_reason() -> bool:
             reason = stack.job(capped_jobs[1]).pending_reason or ""
-            reasons.add(reason)
+            seen.add(reason)
             return "max_running=1" in reason
 
-        _wait_for(second_waits_with_a_reason, 120, f"a pending_reason naming max_running (saw {reasons})", stack)
-        # The other project is not held back by the capped one's quota: its job runs now,
-        # beside the capped project's one (2 CPUs).
-        other = stack.submit(tiny_config(2), project_id=free)
+        _wait_for(second_waits_with_a_reason, 120, "a pending_reason naming max_running", stack)
         assert stack.wait(other, DONE, timeout=120).state == JobState.SUCCEEDED
         for job_id in capped_jobs:
             assert stack.wait(job_id, DONE, timeout=180).state == JobState.SUCCEEDED
@@ -106,10 +111,12 @@ def test_a_project_at_its_quota_waits_with_a_reason_while_others_run(stack):
             spans = session.execute(
                 sa.select(Attempt.started_at, Attempt.ended_at).where(Attempt.job_id.in_(capped_jobs)).order_by(Attempt.started_at)
             ).all()
+            (free_span,) = session.execute(sa.select(Attempt.started_at, Attempt.ended_at).where(Attempt.job_id == other)).all()
             reasons_left = session.execute(sa.select(Job.pending_reason).where(Job.id.in_(capped_jobs))).scalars().all()
-        # Never two of the capped project's jobs at once.
+        # Never two of the capped project's jobs at once; the other project's ran beside them.
         for (_, ended), (started, _) in zip(spans, spans[1:]):
             assert ended <= started, spans
-        assert not any(reasons_left)
+        assert free_span.started_at < spans[0].ended_at and spans[0].started_at < free_span.ended_at, (free_span, spans)
+        assert not any(reasons_left), seen
     finally:
         _end_queued(stack)
