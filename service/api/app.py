@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import dashboard, errors
 from service.api.admission import ProjectAdmission
-from service.api.routes import admin, datasets, health, jobs, sweeps
+from service.api.routes import admin, datasets, health, inference, jobs, sweeps
 from service.api.metrics import LatencyMiddleware, Metrics
 from service.api.runtime import open_runtime
 from service.store.settings import Settings, get_settings
@@ -126,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry=None if settings.otel else {"tracing": False, "metrics": False, "logs": False},
         openapi_tags=[
             {"name": "jobs", "description": "Training jobs (SPEC §2 configs)"},
+            {"name": "inference", "description": "Using a trained job: generate, predict, sessions"},
             {"name": "sweeps", "description": "Grids of jobs"},
             {"name": "datasets", "description": "Uploaded training data"},
             {"name": "admin", "description": "Projects and tokens (admin token only)"},
@@ -135,7 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     errors.install(app)
-    for module in (jobs, sweeps, datasets, admin, health):
+    for module in (jobs, inference, sweeps, datasets, admin, health):
         app.include_router(module.router)
     app.include_router(dashboard.router)  # after the API: GET / and the dashboard's deep links
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)

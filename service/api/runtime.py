@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from service.api.auth import TokenCache
 from service.api.batching import Batcher
 from service.api.metrics import Metrics
+from service.api.models import ModelCache
 from service.api.quota import QueuedCounter
 from service.api.streams import Streams
 from service.api.submit import JobInserts
@@ -31,6 +32,7 @@ from service.store.db.session import (
     run_autocommit,
 )
 from service.store.keys import Keys
+from service.store.model_sessions import SessionStore
 from service.store.queue import JobQueue
 from service.store.settings import Settings
 
@@ -60,6 +62,10 @@ class Runtime:
     publisher: events.AsyncPublisher
     # GET /v1/jobs/{id}/events: their own Redis pool, one reader for all, per-project slots.
     streams: Streams
+    # Trained models loaded for inference (UNROLL_MODEL_CACHE_SIZE), and the inference
+    # sessions' states in Redis (service.api.routes.inference).
+    models: ModelCache
+    model_sessions: SessionStore
 
     def autocommit(self) -> AbstractAsyncContextManager[AsyncSession]:
         """service.store.db.session.autocommit_session on this runtime's engine."""
@@ -111,6 +117,8 @@ def open_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         health_check_interval=30,
     )
     queue = JobQueue(redis, settings.redis_prefix)
+    keys = Keys(settings.redis_prefix)
+    store = ArtifactStore(settings.artifacts)
     publisher = events.AsyncPublisher(redis, settings.redis_prefix)
     return Runtime(
         settings=settings,
@@ -119,8 +127,8 @@ def open_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         sessions=async_sessionmaker(engine, expire_on_commit=False, info=outbox.publishing(publisher)),
         redis=redis,
         queue=queue,
-        keys=Keys(settings.redis_prefix),
-        store=ArtifactStore(settings.artifacts),
+        keys=keys,
+        store=store,
         tokens=TokenCache(settings.token_cache_seconds),
         # the quota's own recounts, each on a connection of its own
         quota=QueuedCounter(functools.partial(run_autocommit, engine, repo.count_queued)),
@@ -129,4 +137,6 @@ def open_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         enqueues=Batcher(queue.enqueue_many, shared=lambda exc: isinstance(exc, (RedisError, OSError))),
         publisher=publisher,
         streams=Streams(settings),
+        models=ModelCache(settings.model_cache_size, store.read_bytes),
+        model_sessions=SessionStore(redis, keys, settings.session_ttl_s, settings.max_sessions_per_project),
     )

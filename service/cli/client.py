@@ -17,8 +17,10 @@ the path in ``UNROLL_CLIENT_CONFIG``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +33,8 @@ from service.store.lifecycle import TERMINAL_STATE_NAMES
 DEFAULT_URL = "http://127.0.0.1:8000"
 CONFIG_ENV = "UNROLL_CLIENT_CONFIG"
 DEFAULT_CONFIG_PATH = Path(".unroll") / "client.json"
+# Where `load` and `unroll generate JOB ...` keep downloaded checkpoints: <job>/<step>.pt.
+DEFAULT_MODELS_PATH = Path(".unroll") / "models"
 
 
 class ApiError(Exception):
@@ -189,6 +193,37 @@ class Client:
             raise ApiError(0, "unreachable", f"cannot reach {self.url}: {exc}") from None
         return written
 
+    def fetch_model(self, job_id: str, folder: str | os.PathLike[str] | None = None) -> Path:
+        """The job's latest checkpoint as a local file, downloaded once into
+        folder/<job>/<step>.pt (default .unroll/models) and checked against its sha256."""
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", job_id):
+            raise ApiError(404, "not_found", f"job {job_id!r} not found")
+        checkpoints = self.checkpoints(job_id)
+        if not checkpoints:
+            raise ApiError(409, "no_checkpoint", f"job {job_id!r} has no checkpoint yet")
+        latest = max(checkpoints, key=lambda c: c["step"])
+        target = Path(folder if folder is not None else DEFAULT_MODELS_PATH) / job_id / f"{latest['step']}.pt"
+        if target.is_file() and _sha256(target) == latest["sha256"]:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            with tmp.open("wb") as out:
+                self.download_checkpoint(job_id, latest["step"], out)
+            if _sha256(tmp) != latest["sha256"]:
+                raise ApiError(0, "corrupt", f"the checkpoint of job {job_id!r} step {latest['step']} arrived damaged (sha256 differs)")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
+
+    def load(self, job_id: str, *, device: str = "cpu", folder: str | os.PathLike[str] | None = None) -> Any:
+        """The job's model (its latest checkpoint), as `trainer.load` returns it: a
+        trainer.inference.Model with generate, stream, predict, evaluate and step."""
+        from trainer.inference import load
+
+        return load(self.fetch_model(job_id, folder), device)
+
     def events(self, job_id: str, *, timeout: float | None = None, last_event_id: str | None = None) -> Iterator[dict[str, Any]]:
         """The job's Server-Sent Events as dicts (each has `type`, and `event_id`, its SSE id):
         first its current state (or, with `last_event_id`, what followed that event), then
@@ -278,6 +313,14 @@ class Client:
     def create_token(self, project: str, name: str | None = None) -> dict[str, Any]:
         """With the admin token: a new token of `project` (created if needed)."""
         return self._json("POST", f"/v1/admin/projects/{project}/tokens", json={"name": name} if name else None)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in _chunks(fh):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _chunks(fh: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:

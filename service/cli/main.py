@@ -254,6 +254,18 @@ def _run_worker(args: argparse.Namespace) -> int:
     return main()
 
 
+def _job_checkpoint(reference: str):
+    """`unroll generate JOB ...`: a job id (not a local path) as its latest checkpoint,
+    downloaded once into .unroll/models/<job>/<step>.pt with the client's URL and token."""
+    from service.cli.client import ApiError, Client
+
+    try:
+        with Client.from_config() as api:
+            return api.fetch_model(reference)
+    except ApiError as exc:
+        raise UsageError(f"{reference}: not a local checkpoint or run folder, and as a job id: {exc.message}") from None
+
+
 def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     """The whole command line. `with_train=False` stands a placeholder in for `train`,
     whose module imports torch (seconds): the client commands should start at once."""
@@ -272,7 +284,7 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     _worker(subparsers)
     sweep.add_parser(subparsers)
     data.add_parser(subparsers)
-    use_cli.add_parser(subparsers)  # generate, predict, evaluate, export: local paths (job ids: pass resolve=)
+    use_cli.add_parser(subparsers, resolve=_job_checkpoint)  # generate, predict, evaluate, export
     up.add_parser(subparsers)
     return parser
 

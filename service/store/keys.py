@@ -136,6 +136,23 @@ class Keys:
         """A SCAN pattern matching every dispatcher's heartbeat."""
         return f"{self.prefix}:dispatchers:*"
 
+    # --- inference sessions (service.store.model_sessions) -------------------------------
+    # HASH of one session: project, job, step, sha256 (the checkpoint it runs), state (the
+    # serialized hidden state; empty: a fresh one). Expires UNROLL_SESSION_TTL_S after its
+    # last use.
+    def model_session(self, session_id: str) -> str:
+        return f"{self.prefix}:inference:session:{session_id}"
+
+    # STRING lock of one session (a random token, with a TTL) held while a step runs, so
+    # that two steps of one session never interleave.
+    def model_session_lock(self, session_id: str) -> str:
+        return f"{self.prefix}:inference:lock:{session_id}"
+
+    # ZSET of one project's sessions: member the session id, score its expiry in ms; the
+    # live ones count against UNROLL_MAX_SESSIONS_PER_PROJECT.
+    def project_model_sessions(self, project_id: str) -> str:
+        return f"{self.prefix}:inference:project:{project_id}"
+
     # --- housekeeping ----------------------------------------------------------------------
     @property
     def all_pattern(self) -> str:

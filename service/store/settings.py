@@ -83,6 +83,15 @@ class Settings(BaseSettings):
     # An idle stream sends a keep-alive comment this often, and looks at its job's state.
     stream_keepalive_seconds: float = Field(default=15.0, gt=0, le=300)
 
+    # --- using trained models (service.api.models, service.store.model_sessions) ---
+    # Loaded models an API process keeps (least recently used first out); each is one
+    # job's checkpoint, loaded once, never per request.
+    model_cache_size: int = Field(default=4, ge=1, le=1000)
+    # An inference session's hidden state lives this long in Redis after its last use.
+    session_ttl_s: int = Field(default=3600, ge=1, le=30 * 86400)
+    # Live inference sessions of one project (429 beyond).
+    max_sessions_per_project: int = Field(default=100, ge=1)
+
     # --- execution ---
     # A running attempt must renew its lease within this many seconds or it is lost.
     lease_seconds: int = Field(default=30, ge=1)
