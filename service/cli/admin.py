@@ -6,9 +6,19 @@ quota) is announced on Redis, so every replica applies it at its next request.""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from service.cli.common import UsageError, parse_duration, table
+from service.store import limits
+
+
+def _project_name(text: str) -> str:
+    if len(text) > limits.PROJECT_NAME_MAX or not re.match(limits.PROJECT_NAME_PATTERN, text):
+        raise argparse.ArgumentTypeError(
+            f"{text[:40]!r}: a project name is 1 to {limits.PROJECT_NAME_MAX} letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return text
 
 
 def add_parser(subparsers) -> None:
@@ -20,7 +30,7 @@ def _token(subparsers) -> None:
     p = subparsers.add_parser("token", help="API tokens (straight in the database, like the admin routes)")
     sub = p.add_subparsers(dest="token_command", required=True)
     create = sub.add_parser("create", help="create a project (if needed) and a token; prints the token last")
-    create.add_argument("--project", required=True)
+    create.add_argument("--project", required=True, type=_project_name)
     create.add_argument("--name", default=None, help="a label for the token")
     create.add_argument("--expires", default=None, type=parse_duration, metavar="DURATION",
                         help="it stops working after this long: 90m, 12h, 30d, 52w (default: never)")
@@ -115,7 +125,7 @@ def _project(subparsers) -> None:
         help="set a project's quota (the project too, if needed)",
         description="Each bound given is set; 'default' puts it back to the deployment's default (or no bound).",
     )
-    put.add_argument("name")
+    put.add_argument("name", type=_project_name)
     for flag, kind, text in (
         ("--max-running", int, "jobs running at once (0 pauses the project)"),
         ("--max-cpus", float, "CPUs its running jobs hold at once"),

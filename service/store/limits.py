@@ -18,6 +18,9 @@ from typing import Any
 # A token works at most this long after it is created (an expiry is a number a caller sends).
 MAX_TOKEN_LIFETIME_S = 10 * 365 * 86400
 MIN_TOKEN_LIFETIME_S = 60
+# A project's name: in URLs (/v1/admin/projects/{name}) and the database (200 characters).
+PROJECT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+PROJECT_NAME_MAX = 200
 # Ray accounts resources in steps of 1/10,000: a finer request cannot be honoured.
 RESOURCE_STEP = 1e-4
 

@@ -111,3 +111,7 @@ def test_the_project_commands(db_url, session, redis_url, redis_prefix):
     for bad in (["--max-running", "-1"], ["--max-cpus", "lots"], ["--max-cpus", "inf"], []):
         refused = _unroll("project", "set", "team-a", *bad, env=env)
         assert refused.returncode == 2, (bad, refused.stdout, refused.stderr)
+    for name in ("bad name", "../x", "x" * 201):  # the admin route's rule: never stored
+        refused = _unroll("project", "set", name, "--max-running", "1", env=env)
+        assert refused.returncode == 2 and "project name" in refused.stderr, (name, refused.stderr)
+        assert _unroll("token", "create", "--project", name, env=env).returncode == 2

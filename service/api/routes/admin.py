@@ -23,7 +23,7 @@ from service.api.schemas import (
     TokenList,
     TokenPublic,
 )
-from service.store import revocations
+from service.store import limits, revocations
 from service.store.db import repo
 from service.store.db.base import utcnow
 from service.store.quotas import NOTHING
@@ -32,7 +32,7 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"])
 log = logging.getLogger("unroll.api")
 
 
-ProjectName = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+ProjectName = Annotated[str, Path(min_length=1, max_length=limits.PROJECT_NAME_MAX, pattern=limits.PROJECT_NAME_PATTERN)]
 
 
 @router.get("/projects", response_model=ProjectList, summary="Every project: its quota and what it holds now", responses=responses(401, 503))
