@@ -236,7 +236,7 @@ class JobReporter(Callback):
                     repo.insert_metrics(session, a.job_id, a.number, points)
                 if lines:
                     repo.append_logs(session, a.job_id, a.number, lines)
-                if not states.update_progress(session, a.job_id, a.number, step):
+                if not states.update_progress(session, a.job_id, a.number, step, max_steps=self.max_steps):
                     raise StaleAttempt(a.job_id, a.number)
                 for step_, file in stored:
                     repo.add_checkpoint(session, a.job_id, a.number, step=step_, uri=file.uri, bytes=file.bytes, sha256=file.sha256)

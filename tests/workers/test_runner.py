@@ -52,3 +52,25 @@ def test_a_stale_attempt_stops_and_writes_nothing(stack):
         assert session.execute(sa.select(sa.func.count()).select_from(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.attempt == 2)).scalar_one() == 0
         assert session.execute(sa.select(sa.func.count()).select_from(JobLog).where(JobLog.job_id == job_id, JobLog.attempt == 2)).scalar_one() == 0
         assert states.finish(session, job_id, 1, JobState.SUCCEEDED) is False  # the fence holds
+
+
+def test_an_epochs_budget_shows_progress_while_it_runs(stack):
+    """The budget in epochs becomes a step count when the data is open (issue 19 part 3)."""
+    config = {**CONFIG, "data": {**CONFIG["data"], "length": 800},
+              "train": {**CONFIG["train"], "max_steps": None, "epochs": 3, "checkpoint_every": 0}}
+    job_id = stack.submit(config, enqueue=False)
+    assert stack.job(job_id).max_steps is None
+    with stack.sessions.begin() as session:
+        assert states.claim(session, job_id, "host", lease_seconds=60) == 1
+    spec = AttemptSpec(job_id=job_id, attempt=1, worker="host", database_url=stack.database_url,
+                       redis_url=stack.redis_url, artifacts=str(stack.artifacts), lease_seconds=60, prefix=stack.prefix)
+    thread = threading.Thread(target=run_attempt, args=(spec,))
+    thread.start()
+    # Streams of 800 steps in windows of 8: 100 updates an epoch.
+    job = stack.wait(job_id, {JobState.RUNNING, JobState.SUCCEEDED}, step=20)
+    assert job.max_steps == 300
+    if job.state == JobState.RUNNING:
+        assert 0 < job.progress < 1 and job.progress == job.step / 300
+    thread.join(timeout=120)
+    job = stack.job(job_id)
+    assert (job.state, job.step, job.progress) == (JobState.SUCCEEDED, 300, 1.0)

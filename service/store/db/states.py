@@ -453,20 +453,24 @@ def update_progress(
     attempt: int,
     step: int,
     progress: float | None = None,
+    *,
+    max_steps: int | None = None,
 ) -> bool:
-    """Record the running attempt's step (progress defaults to step / max_steps).
+    """Record the running attempt's step (progress defaults to step / max_steps, at most 1).
+    `max_steps`, when given, is the attempt's own count of its budget (a job budgeted in
+    epochs learns it only when its data is open) and replaces the stored one.
     False: the attempt is stale."""
-    if progress is None:
-        progress_value: object = sa.case(
-            (Job.max_steps > 0, sa.cast(step, sa.Double) / Job.max_steps), else_=Job.progress
-        )
+    values: dict[str, object] = {"step": step}
+    if progress is not None:
+        values["progress"] = float(progress)
+    elif max_steps:
+        values["progress"] = min(1.0, step / max_steps)
     else:
-        progress_value = float(progress)
+        values["progress"] = sa.case((Job.max_steps > 0, sa.cast(step, sa.Double) / Job.max_steps), else_=Job.progress)
+    if max_steps:
+        values["max_steps"] = max_steps
     result = session.execute(
-        sa.update(Job)
-        .where(runs_attempt(job_id, attempt))
-        .values(step=step, progress=progress_value)
-        .execution_options(**_SYNC)
+        sa.update(Job).where(runs_attempt(job_id, attempt)).values(**values).execution_options(**_SYNC)
     )
     return result.rowcount == 1
 

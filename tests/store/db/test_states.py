@@ -237,6 +237,16 @@ def test_update_progress(session: Session) -> None:
     assert not states.update_progress(session, job.id, attempt + 1, 70)
 
 
+def test_progress_of_an_epochs_budget(session: Session) -> None:
+    """A job budgeted in epochs has no max_steps until its attempt counts them."""
+    job, attempt = make_running(session, max_steps=None)
+    assert states.update_progress(session, job.id, attempt, 50, max_steps=400)
+    job = fresh(session, job.id)
+    assert (job.step, job.max_steps, job.progress) == (50, 400, 0.125)
+    assert states.update_progress(session, job.id, attempt, 410, max_steps=400)
+    assert fresh(session, job.id).progress == 1.0  # an estimate never shows past the end
+
+
 def test_cancel_sweep(session: Session) -> None:
     project = repo.get_or_create_project(session, "demo")
     sweep = repo.create_sweep(session, project_id=project.id, base={}, grid={"tbptt.k1": [8, 16, 32]})
