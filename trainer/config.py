@@ -58,19 +58,29 @@ class AddingData(Section):
     valid_episodes: int = Field(1_000, ge=1)
 
 
+SHA256 = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+
 class TextData(Section):
     kind: Literal["text"]
     batch_size: int = Field(32, ge=1)
     path: str | None = None
     dataset: str | None = None  # id of an uploaded dataset, resolved to a path by the service
+    # The training file's sha256: the service records an upload's here; when set, the
+    # worker refuses a file with other bytes (a rerun proves it trained on the same data).
+    sha256: str | None = SHA256
     tokenizer: Literal["char", "word"] = "char"
     document_separator: str = "\n\n"
     valid_path: str | None = None
+    valid_dataset: str | None = None  # an uploaded validation file (instead of valid_path)
+    valid_sha256: str | None = SHA256
     valid_fraction: float = Field(0.1, gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _one_source(self) -> "TextData":
         _require_one_source(self.path, self.dataset)
+        if self.valid_path is not None and self.valid_dataset is not None:
+            raise _FieldError("valid_path", "give at most one of valid_path or valid_dataset")
         if self.document_separator == "":
             raise _FieldError("document_separator", "must not be empty")
         return self
@@ -81,6 +91,7 @@ class TimeseriesData(Section):
     batch_size: int = Field(32, ge=1)
     path: str | None = None
     dataset: str | None = None
+    sha256: str | None = SHA256  # as for text
     columns: list[str] | None = None  # input features; default: every numeric column
     target: str
     valid_fraction: float = Field(0.1, gt=0.0, lt=1.0)

@@ -305,25 +305,38 @@ def load_data(cfg, seed: int, resolve: Callable[[str], Path] | None = None) -> D
         train = adding_streams(cfg.length, cfg.episodes, cfg.batch_size, seed, "train")
         valid = adding_streams(cfg.length, cfg.valid_episodes, min(cfg.batch_size, cfg.valid_episodes), seed, "valid")
         return Data(task, train, valid)
-    path = _source_path(cfg, resolve)
+    path = _source(cfg.path, cfg.dataset, cfg.sha256, "", resolve)
     if isinstance(cfg, TextData):
-        valid_path = Path(cfg.valid_path) if cfg.valid_path else None
-        for field, p in (("data.path", path), ("data.valid_path", valid_path)):
-            if p is not None and not p.is_file():
-                raise ConfigError([(field, f"no such file: {p}")])
+        valid_path = _source(cfg.valid_path, cfg.valid_dataset, cfg.valid_sha256, "valid_", resolve)
         task, train, valid, vocab = text_streams(cfg, path, valid_path, cfg.batch_size)
         return Data(task, train, valid, vocab)
     if isinstance(cfg, TimeseriesData):
-        if not path.is_file():
-            raise ConfigError([("data.path", f"no such file: {path}")])
         task, train, valid, normalization = timeseries_streams(cfg, path, cfg.batch_size)
         return Data(task, train, valid, normalization=normalization)
     raise TypeError(f"unknown data config {type(cfg).__name__}")
 
 
-def _source_path(cfg, resolve: Callable[[str], Path] | None) -> Path:
-    if cfg.dataset is not None:
+def _source(path: str | None, dataset: str | None, sha256: str | None, prefix: str, resolve: Callable[[str], Path] | None) -> Path | None:
+    """The file a data config names (`<prefix>path`, or the upload `<prefix>dataset`),
+    checked against its pinned `<prefix>sha256` when there is one."""
+    if dataset is not None:
         if resolve is None:
-            raise ConfigError([("data.dataset", "uploaded datasets are available only through the service")])
-        return resolve(cfg.dataset)
-    return Path(cfg.path)
+            raise ConfigError([(f"data.{prefix}dataset", "uploaded datasets are available only through the service")])
+        found, field = resolve(dataset), f"data.{prefix}dataset"
+    elif path is not None:
+        found, field = Path(path), f"data.{prefix}path"
+    else:
+        return None
+    if not found.is_file():
+        raise ConfigError([(field, f"no such file: {found}")])
+    if sha256 is not None and (actual := file_sha256(found)) != sha256:
+        raise ConfigError([(f"data.{prefix}sha256", f"{found} has sha256 {actual}, not the pinned {sha256}: the data changed")])
+    return found
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

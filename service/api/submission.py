@@ -112,10 +112,20 @@ def check_config(raw: Any, settings: Settings, prefix: str = "", quota: Quota = 
                 )
             # Store the resolved path: what the API checked is what the worker opens.
             setattr(data, name, str(resolved))
-    if data_field(config, "dataset") is None:  # an upload's size is known to check_dataset
-        files = [Path(data_field(config, name)) for name in ("path", "valid_path") if data_field(config, name)]
-        check_data_bytes(config, settings, sum(_size(f) for f in files), prefix)
+    if not uses_uploads(config):  # with an upload, check_dataset counts the bytes
+        check_data_bytes(config, settings, _files_bytes(config), prefix)
     return config
+
+
+UPLOADS = (("dataset", "sha256"), ("valid_dataset", "valid_sha256"))  # (id field, its pin)
+
+
+def uses_uploads(config: JobConfig) -> bool:
+    return any(data_field(config, field) is not None for field, _ in UPLOADS)
+
+
+def _files_bytes(config: JobConfig) -> int:
+    return sum(_size(Path(data_field(config, name))) for name in ("path", "valid_path") if data_field(config, name))
 
 
 def data_field(config: JobConfig, name: str) -> Any:
@@ -142,15 +152,34 @@ def inside_data_roots(path: str, roots: list[Path]) -> Path | None:
     return None
 
 
-async def check_dataset(session: AsyncSession, config: JobConfig, project_id: str, settings: Settings, prefix: str = "") -> None:
-    dataset_id = data_field(config, "dataset")
-    if dataset_id is None:
+async def check_dataset(
+    session: AsyncSession, config: JobConfig, project_id: str, settings: Settings, prefix: str = "",
+    known: dict[str, Any] | None = None,
+) -> None:
+    """The config's uploads (`data.dataset`, `data.valid_dataset`) are datasets of the
+    project; their sha256 is pinned in the config (a given pin must match: 422 otherwise)
+    and their size counts against UNROLL_MAX_DATA_BYTES. `known` caches the records
+    across the configs of one sweep."""
+    if not uses_uploads(config):
         return
-    try:
-        dataset = await session.run_sync(repo.get_dataset, dataset_id, project_id)
-    except NotFound:
-        raise Invalid(f"{prefix}data.dataset", f"no dataset {dataset_id!r} in this project (POST /v1/datasets)") from None
-    check_data_bytes(config, settings, dataset.bytes, prefix)
+    known = {} if known is None else known
+    total = _files_bytes(config)
+    for field, pin in UPLOADS:
+        dataset_id = data_field(config, field)
+        if dataset_id is None:
+            continue
+        if dataset_id not in known:
+            try:
+                known[dataset_id] = await session.run_sync(repo.get_dataset, dataset_id, project_id)
+            except NotFound:
+                raise Invalid(f"{prefix}data.{field}", f"no dataset {dataset_id!r} in this project (POST /v1/datasets)") from None
+        dataset = known[dataset_id]
+        pinned = data_field(config, pin)
+        if pinned is not None and pinned != dataset.sha256:
+            raise Invalid(f"{prefix}data.{pin}", f"dataset {dataset_id!r} has sha256 {dataset.sha256}, not {pinned}")
+        setattr(config.data, pin, dataset.sha256)
+        total += dataset.bytes
+    check_data_bytes(config, settings, total, prefix)
 
 
 def check_data_bytes(config: JobConfig, settings: Settings, source_bytes: int | None, prefix: str = "") -> None:

@@ -93,3 +93,33 @@ async def test_upload_streams_with_sha256_and_cap(client, make_token, settings, 
     listed = (await client.get("/v1/datasets", headers=auth(token))).json()["datasets"]
     assert [d["id"] for d in listed] == [multipart.json()["id"], ds["id"]]
     assert (await client.get("/v1/datasets", headers=auth(make_token("other")))).json()["datasets"] == []
+
+
+async def test_uploads_are_pinned_by_sha256_in_the_config(client, make_token):
+    """data.dataset and data.valid_dataset name uploads; the job's config records their sha256
+    (a rerun proves it trained on the same bytes) and a wrong pin is refused, naming it."""
+    token = make_token()
+    train, valid = b"abcabcabc\n\nabcab" * 50, b"cabcab\n\nbca" * 10
+    ids = []
+    for name, blob in (("train.txt", train), ("valid.txt", valid)):
+        r = await client.post("/v1/datasets", params={"name": name}, content=blob, headers=auth(token))
+        ids.append(r.json()["id"])
+    text = {"kind": "text", "dataset": ids[0], "valid_dataset": ids[1]}
+    r = await client.post("/v1/jobs", json={**JOB, "data": text}, headers=auth(token))
+    assert r.status_code == 201, r.text
+    data = r.json()["config"]["data"]
+    assert data["sha256"] == hashlib.sha256(train).hexdigest() and data["valid_sha256"] == hashlib.sha256(valid).hexdigest()
+    # the same pin again (a rerun of that config) is accepted; another is not
+    assert (await client.post("/v1/jobs", json={**JOB, "data": data}, headers=auth(token))).status_code == 201
+    wrong = await client.post("/v1/jobs", json={**JOB, "data": {**text, "valid_sha256": "0" * 64}}, headers=auth(token))
+    assert wrong.status_code == 422 and wrong.json()["error"]["field"] == "data.valid_sha256"
+    missing = await client.post("/v1/jobs", json={**JOB, "data": {**text, "valid_dataset": "ds_nope"}}, headers=auth(token))
+    assert missing.status_code == 422 and missing.json()["error"]["field"] == "data.valid_dataset"
+    both = await client.post("/v1/jobs", json={**JOB, "data": {**text, "valid_path": "v.txt"}}, headers=auth(token))
+    assert both.status_code == 422 and both.json()["error"]["field"] == "data.valid_path"
+    # a sweep pins every grid point, not only the first that names a dataset
+    sweep = await client.post("/v1/sweeps", json={"base": {**JOB, "data": text}, "grid": {"tbptt.k1": [4, 8]}}, headers=auth(token))
+    assert sweep.status_code == 201, sweep.text
+    for point in sweep.json()["jobs"]:
+        config = (await client.get(f"/v1/jobs/{point['job_id']}", headers=auth(token))).json()["config"]
+        assert config["data"]["sha256"] == data["sha256"]

@@ -84,6 +84,23 @@ def test_missing_text_file_names_the_field(tmp_path):
         load_data(config.data, seed=0)
 
 
+def test_uploads_resolve_and_pinned_bytes_are_checked(tmp_path):
+    """data.valid_dataset is resolved like data.dataset; a pinned sha256 that the file's
+    bytes do not have stops the job before training, naming the pin."""
+    import hashlib
+
+    (tmp_path / "ds_train").write_text("a b c\nb c a\n" * 20)
+    (tmp_path / "ds_valid").write_text("c b a\n")
+    pin = hashlib.sha256((tmp_path / "ds_train").read_bytes()).hexdigest()
+    data = {"kind": "text", "dataset": "ds_train", "valid_dataset": "ds_valid", "tokenizer": "word", "batch_size": 2, "sha256": pin}
+    resolve = lambda dataset_id: tmp_path / dataset_id  # noqa: E731
+    loaded = load_data(parse_config({"data": data}).data, seed=0, resolve=resolve)
+    assert loaded.valid.length == 2  # "c b a" + end of document in 2 streams: the file, not a split
+    (tmp_path / "ds_valid").write_text("c b a c\n")
+    with pytest.raises(ConfigError, match="data.valid_sha256: .* has sha256 "):
+        load_data(parse_config({"data": {**data, "valid_sha256": pin}}).data, seed=0, resolve=resolve)
+
+
 def test_timeseries_is_zscored_on_the_train_split(tmp_path):
     path = tmp_path / "series.csv"
     rows = ["t,x,y,label"] + [f"{i},{i * 0.5 + 3},{(i % 7) * 2.0},a" for i in range(200)]

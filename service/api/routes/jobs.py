@@ -30,9 +30,9 @@ from service.api.schemas import (
 from service.api.submission import (
     check_config,
     check_dataset,
-    data_field,
     job_fields,
     read_json,
+    uses_uploads,
 )
 from service.store.db import repo, states
 from service.store.db.errors import NotFound
@@ -89,7 +89,7 @@ async def submit_job(request: Request) -> Response:
     # The common submission (no key, no dataset, the quota estimate trusted) touches the
     # database once: the INSERT, committed by itself and batched with concurrent ones
     # (service.api.submit).
-    if idempotency_key is not None or data_field(config, "dataset") is not None:
+    if idempotency_key is not None or uses_uploads(config):
         async with runtime.autocommit() as session:
             if idempotency_key is not None:
                 existing = await session.run_sync(repo.get_job_by_idempotency_key, project_id, idempotency_key)
