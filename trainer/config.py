@@ -206,7 +206,19 @@ class ResourcesConfig(Section):
     workers: int = Field(1, ge=1)
 
 
+class EvaluateConfig(Section):
+    """`kind: evaluate`: a trained job's model run over the data section's file (text or
+    timeseries, any length, window by window with carried state), as its validation runs."""
+
+    job: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # a job of the same project
+    step: int | None = Field(None, ge=0)  # its checkpoint (the service pins the latest when absent)
+    batch_size: int | None = Field(None, ge=1)  # parallel streams; default the job's data.batch_size
+
+
 class JobConfig(Section):
+    # train: fit the model; evaluate: measure a trained job's model on a file (`evaluate`).
+    kind: Literal["train", "evaluate"] = "train"
+    evaluate: EvaluateConfig | None = None
     name: str | None = Field(None, max_length=200)
     tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         default_factory=list, max_length=32
@@ -223,6 +235,10 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _cross_section(self) -> "JobConfig":
+        if (self.kind == "evaluate") != (self.evaluate is not None):
+            raise _FieldError("evaluate", "give it exactly when kind is evaluate (evaluate.job: the trained job)")
+        if self.kind == "evaluate" and self.data.kind not in ("text", "timeseries"):
+            raise _FieldError("data.kind", "an evaluation reads a file: text or timeseries")
         tokens = self.data.kind in ("recall", "text")
         if self.model.tie_weights and not tokens:
             raise _FieldError("model.tie_weights", "needs token inputs (recall or text)")

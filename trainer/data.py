@@ -316,6 +316,13 @@ def load_data(cfg, seed: int, resolve: Callable[[str], Path] | None = None) -> D
     raise TypeError(f"unknown data config {type(cfg).__name__}")
 
 
+def source_file(cfg, resolve: Callable[[str], Path] | None = None) -> Path:
+    """The training file of a text or timeseries data section (checked like load_data)."""
+    found = _source(cfg.path, cfg.dataset, cfg.sha256, "", resolve)
+    assert found is not None  # the config requires one of path or dataset
+    return found
+
+
 def _source(path: str | None, dataset: str | None, sha256: str | None, prefix: str, resolve: Callable[[str], Path] | None) -> Path | None:
     """The file a data config names (`<prefix>path`, or the upload `<prefix>dataset`),
     checked against its pinned `<prefix>sha256` when there is one."""

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.store.artifacts import ArtifactStore
 from service.store.db import repo, states
+from service.store.db.errors import NotFound
 from service.store.db.session import make_engine
 from service.store.keys import DEFAULT_PREFIX
 from service.store.lifecycle import JobState
@@ -130,6 +131,19 @@ class OpenedAttempt:
     def load_checkpoint(self) -> dict[str, Any] | None:
         store = self.attempt.store
         return ckpt.from_bytes(store.read_bytes(self.latest_uri)) if self.latest_uri else None
+
+    def evaluated_checkpoint(self) -> Path:
+        """`kind: evaluate`: the local file of the checkpoint it names (of a job of the
+        same project); ConfigError (the job's own failure) when it is gone."""
+        target = self.config.evaluate
+        assert target is not None and target.step is not None  # the API pins the step
+        with self.attempt.sessions.begin() as session:
+            try:
+                repo.get_job(session, target.job, self.project_id)
+                uri = repo.get_checkpoint(session, target.job, target.step).uri
+            except NotFound:
+                raise ConfigError([("evaluate.step", f"job {target.job} has no checkpoint at step {target.step} any more (deleted or pruned)")]) from None
+        return self.attempt.store.local_path(uri, Path(tempfile.gettempdir()) / "unroll-models")
 
     def resolve(self, dataset_id: str) -> Path:
         with self.attempt.sessions.begin() as session:

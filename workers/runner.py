@@ -4,6 +4,7 @@ task only drives it. What both share is in workers/attempt.py."""
 
 from __future__ import annotations
 
+from trainer import evaluation
 from workers import tracking
 from workers.attempt import AttemptEnded, AttemptSpec, gpus_as_reserved, open_attempt, service_checks, train_attempt
 from workers.ddp import run_group_attempt
@@ -29,6 +30,10 @@ def run_attempt(spec: AttemptSpec) -> str:
     except AttemptEnded as ended:
         return ended.outcome
     with gpus_as_reserved(job.config) as config:
+        if config.kind == "evaluate":
+            reporter = JobReporter(job.attempt)
+            checks = [*service_checks(spec), reporter]
+            return train_attempt(reporter, lambda: evaluation.run(config, job.evaluated_checkpoint(), checks, job.resolve))
         if config.resources.workers > 1:
             return run_group_attempt(spec, config)
         resume = job.load_checkpoint()

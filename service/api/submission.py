@@ -124,6 +124,11 @@ def uses_uploads(config: JobConfig) -> bool:
     return any(data_field(config, field) is not None for field, _ in UPLOADS)
 
 
+def has_references(config: JobConfig) -> bool:
+    """The config names rows that check_references must read: uploads, a trained job."""
+    return config.kind == "evaluate" or uses_uploads(config)
+
+
 def _files_bytes(config: JobConfig) -> int:
     return sum(_size(Path(data_field(config, name))) for name in ("path", "valid_path") if data_field(config, name))
 
@@ -152,7 +157,38 @@ def inside_data_roots(path: str, roots: list[Path]) -> Path | None:
     return None
 
 
-async def check_dataset(
+async def check_references(
+    session: AsyncSession, config: JobConfig, project_id: str, settings: Settings, prefix: str = "",
+    known: dict[str, Any] | None = None,
+) -> None:
+    """What the config names exists in the project (check_evaluated, check_uploads)."""
+    if config.kind == "evaluate":
+        await check_evaluated(session, config, project_id, prefix)
+    await check_uploads(session, config, project_id, settings, prefix, known)
+
+
+async def check_evaluated(session: AsyncSession, config: JobConfig, project_id: str, prefix: str = "") -> None:
+    """`evaluate.job` is a job of the project with the checkpoint `evaluate.step`; without
+    a step, its latest is pinned in the config (the evaluation is then reproducible)."""
+    assert config.evaluate is not None
+    target = config.evaluate
+    try:
+        await session.run_sync(repo.get_job, target.job, project_id)
+    except NotFound:
+        raise Invalid(f"{prefix}evaluate.job", f"no job {target.job!r} in this project") from None
+    if target.step is None:
+        latest = await session.run_sync(repo.latest_checkpoint, target.job)
+        if latest is None:
+            raise Invalid(f"{prefix}evaluate.job", f"job {target.job!r} has no checkpoint yet: nothing to evaluate")
+        target.step = latest.step
+        return
+    try:
+        await session.run_sync(repo.get_checkpoint, target.job, target.step)
+    except NotFound:
+        raise Invalid(f"{prefix}evaluate.step", f"job {target.job!r} has no checkpoint at step {target.step}") from None
+
+
+async def check_uploads(
     session: AsyncSession, config: JobConfig, project_id: str, settings: Settings, prefix: str = "",
     known: dict[str, Any] | None = None,
 ) -> None:
@@ -210,5 +246,5 @@ def job_fields(config: JobConfig) -> dict[str, Any]:
         "tags": config.tags,
         "priority": config.priority,
         "max_attempts": config.max_attempts,
-        "max_steps": config.train.max_steps,
+        "max_steps": config.train.max_steps if config.kind == "train" else None,  # an evaluation makes no updates
     }

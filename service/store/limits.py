@@ -51,6 +51,7 @@ FIELDS: tuple[Limit, ...] = (
     Limit("train.epochs", 100_000, "passes over the data"),
     Limit("train.max_wall_s", 7 * 86400, "seconds of training across attempts; also the limit of a job that sets none"),
     Limit("train.keep_checkpoints", 50, "checkpoints kept per job: each is a full copy of the model and optimizer state"),
+    Limit("evaluate.batch_size", 4096, "kind evaluate: parallel streams over the file"),
     Limit("resources.cpus", 256, "CPUs per worker; a smaller share would let one node run thousands of jobs at once", low=0.1),
     Limit("resources.gpus", 16, "GPUs per worker (fractions share one GPU)"),
     Limit("resources.workers", 64, "data-parallel ranks"),

@@ -29,10 +29,10 @@ from service.api.schemas import (
 )
 from service.api.submission import (
     check_config,
-    check_dataset,
+    check_references,
+    has_references,
     job_fields,
     read_json,
-    uses_uploads,
 )
 from service.store.db import repo, states
 from service.store.db.errors import NotFound
@@ -89,13 +89,13 @@ async def submit_job(request: Request) -> Response:
     # The common submission (no key, no dataset, the quota estimate trusted) touches the
     # database once: the INSERT, committed by itself and batched with concurrent ones
     # (service.api.submit).
-    if idempotency_key is not None or uses_uploads(config):
+    if idempotency_key is not None or has_references(config):
         async with runtime.autocommit() as session:
             if idempotency_key is not None:
                 existing = await session.run_sync(repo.get_job_by_idempotency_key, project_id, idempotency_key)
                 if existing is not None:
                     return _job_response(existing, status.HTTP_200_OK)
-            await check_dataset(session, config, project_id, settings)
+            await check_references(session, config, project_id, settings)
     await runtime.quota.check(project_id, 1, queued_limit(project.quota, settings.max_queued_per_project))
     job, created = await runtime.inserts.insert(_job_values(project_id, config, idempotency_key))
     if not created:  # lost a race with the same key: the winner's job, as a repeat

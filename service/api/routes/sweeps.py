@@ -18,7 +18,7 @@ from service.api.errors import ApiError, Invalid
 from service.api.errors import responses as error_responses
 from service.api.quota import counter
 from service.api.schemas import SweepCancelled, SweepCreate, SweepJob, SweepPublic
-from service.api.submission import check_config, check_dataset, job_fields
+from service.api.submission import check_config, check_references, job_fields
 from service.store import sweeps
 from service.store.db import repo, states
 from service.store.db.base import utcnow
@@ -58,7 +58,7 @@ async def create_sweep(body: SweepCreate, project: ProjectDep, runtime: RuntimeD
     async with runtime.sessions() as session, session.begin():
         known: dict[str, Any] = {}  # each dataset read once, every config pinned
         for config in configs:
-            await check_dataset(session, config, project.project_id, settings, prefix="base.", known=known)
+            await check_references(session, config, project.project_id, settings, prefix="base.", known=known)
         await runtime.quota.check(project.project_id, len(configs), queued_limit(project.quota, settings.max_queued_per_project), counter(session))
         public, queued = await session.run_sync(_create, project.project_id, body, configs)
     runtime.quota.added(project.project_id, len(queued))
