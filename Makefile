@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install up test bench clean dashboard browser
+.PHONY: install up test cluster-test bench clean dashboard browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,14 +41,28 @@ CORPUS := examples/data/pets.txt
 $(CORPUS): examples/make_corpus.py | $(PY)
 	$(PY) examples/make_corpus.py
 
-install: $(STAMP) $(DASHBOARD) $(CORPUS)
+# The real-data examples' files (examples/text-stdlib.yaml, examples/timeseries-goog.yaml):
+# made from this Python's standard library and matplotlib's sample data (the dev extras),
+# deterministic, never committed. `touch`: make_data.py leaves a file with unchanged bytes alone.
+REAL_DATA := examples/data/stdlib.txt examples/data/goog.csv
+
+$(REAL_DATA): examples/make_data.py | $(STAMP)
+	$(PY) examples/make_data.py --only $(notdir $@) && touch $@
+
+install: $(STAMP) $(DASHBOARD) $(CORPUS) $(REAL_DATA)
 
 # `python -m service.cli` is `unroll`, always from this checkout's code. UP_ARGS: e.g. --port 8001
 up: $(if $(filter .venv,$(VENV)),install) $(CORPUS)
 	$(PY) -m service.cli up $(UP_ARGS)
 
 test: install browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --ignore=tests/cluster $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory cluster-test
+
+# The docker-compose.yml layout as processes on this machine (tests/cluster): API replicas,
+# a Ray head and more nodes, dispatchers; killing any of them loses no job. A few minutes.
+cluster-test: install
+	$(PY) -m pytest tests/cluster $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/trainer.py

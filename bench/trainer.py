@@ -6,7 +6,11 @@ Rows, all on the same model, data and clipping (see docs/benchmarks.md):
 1. engine vs bare loop, tokens/s (LSTM 256 x 2, B 32, k 64, norm clipping, Adam, recall);
 2. peak memory at stream length 1e6 vs 1e4, same k and number of updates (fresh processes);
 3. time per update with k2 = 2 k1 vs k1 = k2 (k1 = 64);
-4. the fused nn.LSTM path (the engine) vs a per-step nn.LSTMCell Python loop.
+4. the fused nn.LSTM path (the engine) vs a per-step nn.LSTMCell Python loop;
+and on CUDA (`--device cuda`, run by bench/gpu.sh) two more:
+5. tokens/s of the engine at batch 256 vs batch 32;
+6. time per update with `train.deterministic: true` vs false (what it costs).
+On CUDA, peak memory is the allocator's (torch.cuda.max_memory_allocated).
 
 The machine may be shared (other processes come and go), so the two sides of each
 comparison run interleaved, one update each in turn, in one process: both see the same
@@ -41,16 +45,17 @@ sys.path.insert(0, str(ROOT))
 from trainer.config import parse_config  # noqa: E402
 from trainer.data import IGNORE, load_data  # noqa: E402
 from trainer.loop import Callback, Trainer, fit  # noqa: E402
+from trainer.tbptt import deterministic_algorithms  # noqa: E402
 
 # The workload of the acceptance criteria (issue 2, "Done when").
 VOCAB, LAG, EMBEDDING, HIDDEN, LAYERS, BATCH, K = 64, 8, 32, 256, 2, 32, 64
 LR, MAX_NORM, SEED = 3e-3, 1.0, 0
 
 
-def job_config(updates: int, device: str, k2: int = K, length: int = 100_000) -> dict[str, Any]:
+def job_config(updates: int, device: str, k2: int = K, length: int = 100_000, batch: int = BATCH) -> dict[str, Any]:
     """The engine's job: evaluation and checkpoints only at the end (after the timed span)."""
     return {
-        "data": {"kind": "recall", "vocab": VOCAB, "lag": LAG, "length": length, "batch_size": BATCH},
+        "data": {"kind": "recall", "vocab": VOCAB, "lag": LAG, "length": length, "batch_size": batch},
         "model": {"cell": "lstm", "hidden_size": HIDDEN, "num_layers": LAYERS, "embedding_dim": EMBEDDING},
         "tbptt": {"k1": K, "k2": k2},
         "clip": {"mode": "norm", "max_norm": MAX_NORM},
@@ -152,31 +157,36 @@ class EngineUpdates:
     """The engine's update (`trainer.loop.Trainer.update`) driven one step at a time,
     for comparing two engine configurations against each other."""
 
-    def __init__(self, updates: int, device: torch.device, k2: int):
-        config = parse_config(job_config(updates, device.type, k2=k2))
+    def __init__(self, updates: int, device: torch.device, k2: int = K, batch: int = BATCH, deterministic: bool = False):
+        config = parse_config(job_config(updates, device.type, k2=k2, batch=batch))
         self.trainer = Trainer(config, load_data(config.data, SEED), device)
+        self.deterministic = deterministic
 
     def step(self) -> None:
-        self.trainer.update()
+        # fit() sets train.deterministic for a whole run; here per update, so that two
+        # contestants of one process can alternate.
+        with deterministic_algorithms(self.deterministic):
+            self.trainer.update()
 
 
-def speed(durations: list[float]) -> dict[str, Any]:
+def speed(durations: list[float], batch: int = BATCH) -> dict[str, Any]:
     """Speed from per-update durations. `tokens_per_s` uses the median: a burst of foreign
     load slows a few updates, not the median; `span_tokens_per_s` is tokens over time."""
     per_update = statistics.median(durations)
-    return {"tokens_per_s": K * BATCH / per_update, "s_per_update": per_update,
-            "span_tokens_per_s": len(durations) * K * BATCH / sum(durations), "updates": len(durations)}
+    return {"tokens_per_s": K * batch / per_update, "s_per_update": per_update,
+            "span_tokens_per_s": len(durations) * K * batch / sum(durations), "updates": len(durations)}
 
 
-def interleave(a, b, warmup: int, updates: int) -> tuple[dict, dict]:
-    """Alternate a.step() and b.step(); time each update; drop the warm-up."""
+def interleave(a, b, warmup: int, updates: int, batches: tuple[int, int] = (BATCH, BATCH)) -> tuple[dict, dict]:
+    """Alternate a.step() and b.step(); time each update; drop the warm-up. On CUDA each
+    step ends synchronized (the engine reads its metrics back; see Interleaved)."""
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(warmup + updates):
         for side, contestant in zip(times, (a, b)):
             start = time.perf_counter()
             contestant.step()
             side.append(time.perf_counter() - start)
-    return speed(times[0][warmup:]), speed(times[1][warmup:])
+    return speed(times[0][warmup:], batches[0]), speed(times[1][warmup:], batches[1])
 
 
 class Interleaved(Callback):
@@ -217,6 +227,31 @@ def engine_against(other, warmup: int, updates: int, device: torch.device) -> tu
         K * BATCH / m["train/tokens_per_s"] for m in probe.metrics[warmup:])
     losses = [m["train/loss"] for m in probe.metrics[:5]]
     return engine, speed(probe.others[warmup:]), losses
+
+
+def cuda_rows(device: torch.device, reps: int, warmup: int, quick: bool) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Rows 5 and 6, CUDA only: throughput at batch 256 against 32, and the cost of
+    train.deterministic (each pair interleaved, as the other rows)."""
+    n = 20 if quick else 100
+    total, big = warmup + n, 256
+
+    def batches() -> tuple:
+        return interleave(EngineUpdates(total, device, batch=big), EngineUpdates(total, device), warmup, n, (big, BATCH))
+
+    def deterministic() -> tuple:
+        return interleave(EngineUpdates(total, device, deterministic=True), EngineUpdates(total, device), warmup, n)
+
+    wide, narrow = repeat(batches, reps, f"batch {big} vs {BATCH}")
+    fixed, free = repeat(deterministic, reps, "deterministic vs not")
+    rows = [
+        row(f"tokens/s at batch {big} vs batch {BATCH}", median(wide, "tokens_per_s"), median(narrow, "tokens_per_s"),
+            "tokens/s", "> 1", lambda x: x > 1),
+        row("train.deterministic vs not (time/update)", median(fixed, "s_per_update"), median(free, "s_per_update"),
+            "ms/update", "none: its cost", lambda x: True),
+    ]
+    rows[0]["run_ratio"] = run_ratio(wide, narrow, "tokens_per_s")
+    rows[1]["run_ratio"] = run_ratio(fixed, free, "s_per_update")
+    return rows, {f"batch_{big}": wide, f"batch_{BATCH}": narrow, "deterministic": fixed, "not_deterministic": free}
 
 
 # -- memory (one fresh process per stream length) -----------------------------------------
@@ -378,6 +413,10 @@ def main() -> None:
     rows[2]["run_ratio"] = run_ratio(k2x2, k1, "s_per_update")
     rows[3]["run_ratio"] = run_ratio(fused, per_step, "tokens_per_s")
     growth = {n: m["vm_hwm_bytes"] - m["startup_rss_bytes"] for n, m in memory.items()}
+    more_runs: dict[str, list[dict]] = {}
+    if device.type == "cuda":
+        more, more_runs = cuda_rows(device, reps, warmup, quick)
+        rows += more
 
     info["load_average_end"] = os.getloadavg()
     print_table(rows, info)
@@ -400,7 +439,7 @@ def main() -> None:
         "first_losses_max_gap": gaps,
         "memory": {str(n): m for n, m in memory.items()},
         "runs": {"engine": engine, "bare": bare, "engine_k1": k1, "engine_k2x2": k2x2,
-                 "engine_vs_per_step": fused, "per_step": per_step},
+                 "engine_vs_per_step": fused, "per_step": per_step, **more_runs},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -9,13 +9,15 @@ gradient norms of the clipping runs); the PNGs are drawn from that file, so
     .venv/bin/python docs/figures.py --plot-only  # redraw from results.json
     .venv/bin/python docs/figures.py --only adding --jobs 1
 
-Needs matplotlib (the dev extras). Runs use one thread each, `--jobs` at a time.
+Needs matplotlib (the dev extras); the stdlib and goog groups need examples/make_data.py's files
+(`make install` writes them). Runs use one thread each, `--jobs` at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import math
 import multiprocessing
@@ -35,7 +37,14 @@ SWEEPS = [
     ("clipping", "text-clipping.yaml", "clip.max_norm", [0.1, 0.25, 1.0, 4.0, 1000.0]),
     ("randomize", "text-clipping.yaml", "tbptt.randomize", [True]),
     ("adding", "adding-resets.yaml", "tbptt.k1", [10, 25, 50]),
+    # Real data (examples/make_data.py writes the files): one epoch / 10 epochs per point.
+    ("stdlib", "text-stdlib.yaml", "tbptt.k1", [8, 16, 32, 64, 128, 256]),
+    ("goog", "timeseries-goog.yaml", "tbptt.k1", [1, 2, 4, 8, 16, 32, 64]),
 ]
+SEEDS = {"goog": 3}  # runs per point (train.seed 0..N-1); the other groups run seed 0
+# The stdlib runs see STDLIB_CHARS training characters each (max_steps = STDLIB_CHARS / (k * 32)):
+# just under the config's one epoch (2.60 M), with 6 evaluations each instead of one every 200 updates.
+STDLIB_CHARS = 2_600_000
 
 
 def set_path(config: dict, path: str, value) -> None:
@@ -50,8 +59,8 @@ def _round(value: float | None) -> float | None:
     return None if value is None else float(f"{value:.5g}")  # keeps results.json small
 
 
-def run_point(task: tuple[str, str, str, object]) -> dict:
-    group, example, path, value = task
+def run_point(task: tuple[str, str, str, object, int]) -> dict:
+    group, example, path, value, seed = task
     import torch
 
     torch.set_num_threads(1)
@@ -60,6 +69,10 @@ def run_point(task: tuple[str, str, str, object]) -> dict:
     config = yaml.safe_load((ROOT / "examples" / example).read_text())
     config = copy.deepcopy(config)
     set_path(config, path, value)
+    config["train"]["seed"] += seed
+    if group == "stdlib":
+        steps = STDLIB_CHARS // (value * config["data"]["batch_size"])
+        config["train"].update(epochs=None, max_steps=steps, eval_every=max(1, steps // 6))
     if config["data"].get("path"):
         config["data"]["path"] = str(ROOT / config["data"]["path"])
     keep_norms = group in ("clipping", "randomize")
@@ -80,15 +93,15 @@ def run_point(task: tuple[str, str, str, object]) -> dict:
     record = Record()
     started = time.perf_counter()
     summary = fit(config, [record])
-    print(f"{group} {path}={value}: {time.perf_counter() - started:.0f}s {record.evals[-1]}", file=sys.stderr, flush=True)
+    print(f"{group} {path}={value} seed {seed}: {time.perf_counter() - started:.0f}s {record.evals[-1]}", file=sys.stderr, flush=True)
     return {
-        "group": group, "example": example, "path": path, "value": value,
+        "group": group, "example": example, "path": path, "value": value, "seed": seed,
         "summary": summary.to_dict(), "evals": record.evals, "norms": record.norms,
     }
 
 
 def run(groups: set[str], jobs: int) -> list[dict]:
-    tasks = [(g, ex, path, v) for g, ex, path, values in SWEEPS if g in groups for v in values]
+    tasks = [(g, ex, path, v, seed) for g, ex, path, values in SWEEPS if g in groups for v in values for seed in range(SEEDS.get(g, 1))]
     # Longest first, so two workers finish together.
     tasks.sort(key=lambda t: -(t[3] if isinstance(t[3], (int, float)) and t[2] == "tbptt.k1" else 20))
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
@@ -177,6 +190,125 @@ def plot(results: list[dict]) -> None:
         fig.tight_layout()
         fig.savefig(OUT / "adding.png", dpi=110)
         plt.close(fig)
+    if _by(results, "stdlib"):
+        _plot_stdlib(_by(results, "stdlib"), plt, colors)
+    if _by(results, "goog"):
+        _plot_goog(_by(results, "goog"), plt, colors)
+
+
+# --- real data (examples/make_data.py) --------------------------------------------------------
+
+
+def _chars(r: dict, step: int) -> float:
+    """Training characters seen by `step` updates of a stdlib run (k1 steps of 32 streams each)."""
+    return step * r["value"] * 32
+
+
+def _plot_stdlib(runs: list[dict], plt, colors) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    ks = [r["value"] for r in runs]
+    left.plot(ks, [r["summary"]["valid_bpc"] for r in runs], "o-", label="valid bpc after one epoch")
+    left.set_xscale("log", base=2)
+    left.set_xticks(ks, [str(k) for k in ks])
+    left.set_xlabel("truncation length k = k1 = k2")
+    left.set_ylabel("valid bits per character")
+    left.set_title("stdlib docstrings (2.7 MB), char LSTM, one epoch")
+    speed = left.twinx()
+    speed.plot(ks, [r["summary"]["tokens_per_s"] / 1000 for r in runs], "s:", color="grey", label="k chars/s (train)")
+    speed.set_ylabel("thousand chars / s (one busy core)")
+    handles = [h for ax in (left, speed) for h in ax.get_legend_handles_labels()[0]]
+    left.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="upper left")
+    for i, r in enumerate(runs):
+        evals = [e for e in r["evals"] if e.get("valid/bpc")]
+        right.plot([_chars(r, e["step"]) / 1e6 for e in evals], [e["valid/bpc"] for e in evals], "o-", ms=2, color=colors[i], label=f"k = {r['value']}")
+    right.set_xlabel("training characters seen (millions)")
+    right.set_ylabel("valid bpc")
+    right.set_title("learning curves (same characters for every k)")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT / "stdlib.png", dpi=110)
+    plt.close(fig)
+
+
+def goog_baselines(valid_fraction: float = 0.2) -> dict[str, float]:
+    """Valid MSE (z-scored as the trainer does) of rules that need no training: tomorrow's range is
+    the training mean, today's range (persistence), or the mean of the last 5 days."""
+    import numpy as np
+
+    with (ROOT / "examples" / "data" / "goog.csv").open() as fh:
+        series = np.array([float(row["range"]) for row in csv.DictReader(fh)])
+    n_train = int(len(series) * (1 - valid_fraction))
+    z = (series - series[:n_train].mean()) / series[:n_train].std(ddof=1)
+    target = z[n_train + 1 :]
+    last5 = np.array([z[i - 4 : i + 1].mean() for i in range(n_train, len(z) - 1)])
+    return {
+        "training mean": float((target**2).mean()),
+        "persistence": float(((z[n_train:-1] - target) ** 2).mean()),
+        "mean of the last 5 days": float(((last5 - target) ** 2).mean()),
+    }
+
+
+def _seed_stats(runs: list[dict]) -> list[tuple[int, list[float], list[float], list[dict]]]:
+    """Per k: (k, final valid MSE per seed, best valid MSE per seed, the runs)."""
+    out = []
+    for k in sorted({r["value"] for r in runs}):
+        group = [r for r in runs if r["value"] == k]
+        out.append((k, [r["summary"]["valid_mse"] for r in group], [min(e["valid/mse"] for e in r["evals"]) for r in group], group))
+    return out
+
+
+def _plot_goog(runs: list[dict], plt, colors) -> None:
+    import numpy as np
+
+    stats = _seed_stats(runs)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    ks = [k for k, *_ in stats]
+    for values, label, style in ((1, "final valid MSE", "o-"), (2, "best valid MSE (any evaluation)", "s--")):
+        left.errorbar(ks, [np.mean(s[values]) for s in stats], yerr=[np.std(s[values]) for s in stats], fmt=style, capsize=3, label=f"{label}, mean ± std of {len(stats[0][1])} seeds")
+    for (name, mse), ls in zip(goog_baselines().items(), (":", "-.", "--")):
+        left.axhline(mse, color="grey", ls=ls, label=f"{name} ({mse:.2f})")
+    left.set_xscale("log", base=2)
+    left.set_xticks(ks, [str(k) for k in ks])
+    left.set_xlabel("truncation length k = k1 = k2 (days)")
+    left.set_ylabel("valid MSE (z-scored next-day range)")
+    left.set_title("GOOG 2004-2008, next day's range, 10 epochs")
+    left.legend(fontsize=7)
+    for i, (k, _, _, group) in enumerate(stats):
+        evals, summary = group[0]["evals"], group[0]["summary"]
+        per_epoch = summary["steps"] / summary["epochs"]  # ceil(209 / k) windows per stream
+        right.plot([e["step"] / per_epoch for e in evals], [e["valid/mse"] for e in evals], "o-", ms=2, color=colors[i % len(colors)], label=f"k = {k}")
+    right.set_xlabel("epoch (836 training days: 4 streams of 209)")
+    right.set_ylabel("valid MSE (seed 0)")
+    right.set_title("learning curves")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT / "goog.png", dpi=110)
+    plt.close(fig)
+
+
+def real_tables(results: list[dict]) -> list[str]:
+    lines = []
+    stdlib = _by(results, "stdlib")
+    if stdlib:
+        lines += ["| k1 = k2 | updates | valid bpc | best valid bpc | train chars/s | wall s |", "|---|---|---|---|---|---|"]
+        for r in stdlib:
+            s = r["summary"]
+            best = min(e["valid/bpc"] for e in r["evals"] if e.get("valid/bpc"))
+            lines.append(f"| {r['value']} | {s['steps']} | {s['valid_bpc']:.3f} | {best:.3f} | {s['tokens_per_s']:.0f} | {s['wall_s']:.0f} |")
+        lines.append("")
+    goog = _by(results, "goog")
+    if goog:
+        lines += ["| k1 = k2 | updates | final valid MSE | best valid MSE | wall s (mean) |", "|---|---|---|---|---|"]
+        for k, final, best, group in _seed_stats(goog):
+            wall = sum(r["summary"]["wall_s"] for r in group) / len(group)
+            lines.append(f"| {k} | {group[0]['summary']['steps']} | {_mean_std(final)} | {_mean_std(best)} | {wall:.0f} |")
+        lines += ["", "| no training | valid MSE |", "|---|---|", *(f"| {n} | {v:.3f} |" for n, v in goog_baselines().items()), ""]
+    return lines
+
+
+def _mean_std(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    return f"{mean:.3f} ± {math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)):.3f}"
 
 
 # --- the numbers ------------------------------------------------------------------------------
@@ -217,7 +349,8 @@ def tables(results: list[dict]) -> str:
         for r in adding:
             at = {e["step"]: e["valid/mse"] for e in r["evals"]}
             lines.append(f"| {r['value']} | {at.get(500, math.nan):.4f} | {at.get(1000, math.nan):.4f} | {at.get(1500, math.nan):.4f} | {r['summary']['valid_mse']:.4f} | {r['summary']['wall_s']:.0f} |")
-    return "\n".join(lines)
+        lines.append("")
+    return "\n".join(lines + real_tables(results))
 
 
 def main() -> int:
@@ -230,6 +363,7 @@ def main() -> int:
     if not args.plot_only:
         groups = set(args.only or [s[0] for s in SWEEPS])
         fresh = run(groups, args.jobs)
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else []  # again: another --only may have written
         results = [r for r in results if r["group"] not in groups] + fresh
         OUT.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, separators=(",", ":"), allow_nan=False) + "\n")

@@ -17,11 +17,13 @@ sys.path.insert(0, str(ROOT))
 
 import architecture  # noqa: E402  (docs/architecture.py, beside this file)
 from service.store import limits  # noqa: E402
+from trainer import inference  # noqa: E402
 
 # (page, marker name, what goes between `<!-- NAME:begin -->` and `<!-- NAME:end -->`)
 PARTS: list[tuple[str, str, Callable[[], str]]] = [
     ("architecture.md", "import-graph", architecture.mermaid),
     ("operations.md", "limits", limits.markdown),
+    ("operations.md", "inference-limits", inference.bounds_markdown),
 ]
 
 

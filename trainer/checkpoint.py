@@ -9,6 +9,7 @@ inference needs without the data (trainer/artifact.py: vocabulary, normalisation
 from __future__ import annotations
 
 import io
+import math
 import random
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,7 +47,49 @@ class Resumable(Protocol):
     clipper: Stateful
     cursor: Stateful  # where the streams are, and their carried state
     counters: Stateful  # the update count ("step") and the summary's running totals
-    window_rng: torch.Generator
+    window_rng: torch.Generator  # also ARTBP's truncation draws (tbptt.mode: unbiased)
+    truncation: Stateful | None  # tbptt.mode adaptive: its k2, decay and time spent measuring
+    best: "BestWeights | None"  # train.model: best
+
+
+class BestWeights:
+    """train.model: best — the weights of the evaluation with the lowest valid/loss so far
+    (the earlier one on a tie), as a CPU copy."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.loss: float | None = None
+        self.weights: dict[str, torch.Tensor] | None = None
+
+    def offer(self, step: int, loss: float | None, model: torch.nn.Module) -> None:
+        if loss is not None and math.isfinite(loss) and (self.loss is None or loss < self.loss):
+            self.step, self.loss, self.weights = step, loss, _to_cpu(model.state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "loss": self.loss, "weights": self.weights}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.loss, self.weights = state["step"], state["loss"], state["weights"]
+
+
+def model_artifact(trainer: Resumable) -> dict[str, Any]:
+    """The `model` artifact of a completed run: what trainer.inference.load needs (config,
+    weights, inference section) and no training state. The weights are the last, or with
+    train.model: best those of the best evaluation (the last when none was finite)."""
+    best = trainer.best
+    if best is not None and best.weights is not None:
+        weights, step, selected = best.weights, best.step, "best"
+    else:
+        weights, step, selected = _to_cpu(trainer.model.state_dict()), trainer.counters.state_dict()["step"], "last"
+    return {
+        "format": FORMAT,
+        "config": config_dict(trainer.config),
+        "step": step,
+        "selected": selected,
+        "valid_loss": best.loss if selected == "best" else None,
+        "model": weights,
+        "inference": artifact.describe(trainer.config, trainer.data),
+    }
 
 
 def _to_cpu(value: Any) -> Any:
@@ -87,7 +130,9 @@ def capture(trainer: Resumable) -> dict[str, Any]:
         "rng": rng,
         "cursor": _to_cpu(trainer.cursor.state_dict()),
         "counters": counters,
+        "truncation": trainer.truncation.state_dict() if trainer.truncation is not None else {},
         "inference": artifact.describe(trainer.config, trainer.data),
+        **({"best": trainer.best.state_dict()} if trainer.best is not None else {}),
     }
 
 
@@ -102,12 +147,19 @@ def restore(trainer: Resumable, state: dict[str, Any]) -> None:
     cursor = state["cursor"]
     trainer.cursor.load_state_dict({**cursor, "kept": _to_device(cursor["kept"], trainer.device)})
     trainer.counters.load_state_dict(state["counters"])
+    if trainer.truncation is not None and state.get("truncation"):  # absent before tbptt.mode adaptive
+        trainer.truncation.load_state_dict(state["truncation"])
+    if trainer.best is not None and state.get("best") is not None:
+        trainer.best.load_state_dict(state["best"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     trainer.window_rng.set_state(rng["window"])
     if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        # One state per GPU the writer saw; a process that sees another number of GPUs (a
+        # resume on another node) restores those it has in common.
+        for index, state_ in enumerate(rng["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state_, index)
 
 
 def check_compatible(config: JobConfig, state: dict[str, Any]) -> None:

@@ -2,6 +2,9 @@
 
 `Clipper.clip` returns the global gradient norm before and after clipping and whether it
 clipped; with fp16 the caller has already unscaled the gradients (GradScaler.unscale_).
+All three are tensors on the parameters' device, whatever the path (the caller stacks
+them into one transfer): every tensor made here names its device
+(tests/trainer/test_device_factories.py).
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ class ClipResult:
     clipped: torch.Tensor  # 0-dim bool: did clipping change any gradient
 
 
-def total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+def total_norm(grads: list[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:
     if not grads:
-        return torch.zeros(())
+        return torch.zeros((), device=device)
     return torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
 
 
@@ -44,16 +47,18 @@ class Clipper:
         params = [p for p in parameters if p.grad is not None]
         grads = [p.grad for p in params]
         cfg = self.cfg
-        norm = total_norm(grads, cfg.norm_type)
+        norm = total_norm(grads, cfg.norm_type, parameters[0].device if parameters else torch.device("cpu"))
         if cfg.mode == "none" or not torch.isfinite(norm):
-            return ClipResult(norm, norm, torch.zeros((), dtype=torch.bool))
+            return ClipResult(norm, norm, torch.zeros_like(norm, dtype=torch.bool))
         if cfg.mode == "norm" and not cfg.per_parameter:
             return self._scale_to(grads, norm, cfg.max_norm)
         if cfg.mode == "autoclip":
             # AutoClip (Seetharaman et al., 2020): the threshold is a percentile of the
             # history of pre-clip norms, the current one included.
             self.history.append(norm.item())
-            threshold = torch.quantile(torch.tensor(list(self.history), dtype=torch.float64), cfg.percentile / 100).item()
+            # The history is host floats: the percentile is taken on the host.
+            history = torch.tensor(list(self.history), dtype=torch.float64, device="cpu")
+            threshold = torch.quantile(history, cfg.percentile / 100).item()
             return self._scale_to(grads, norm, threshold)
         before = [g.clone() for g in grads]
         if cfg.mode == "norm":  # per_parameter
@@ -64,8 +69,7 @@ class Clipper:
         elif cfg.mode == "agc":
             for p in params:
                 _agc_(p, cfg.agc_factor, cfg.agc_eps, cfg.norm_type)
-        changed = any(not torch.equal(a, b) for a, b in zip(before, grads))
-        return ClipResult(norm, total_norm(grads, cfg.norm_type), torch.tensor(changed))
+        return ClipResult(norm, total_norm(grads, cfg.norm_type, norm.device), _changed(before, grads, norm))
 
     def _scale_to(self, grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> ClipResult:
         coef = _scale_(grads, norm, max_norm)
@@ -77,6 +81,13 @@ class Clipper:
     def load_state_dict(self, state: dict) -> None:
         self.history.clear()
         self.history.extend(state["history"])
+
+
+def _changed(before: list[torch.Tensor], after: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """0-dim bool on `like`'s device: does any gradient differ (compared there, no sync)."""
+    if not before:
+        return torch.zeros_like(like, dtype=torch.bool)
+    return torch.stack([torch.ne(a, b).any() for a, b in zip(before, after)]).any().to(like.device)
 
 
 def _scale_(grads: torch.Tensor | list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> torch.Tensor:

@@ -113,21 +113,45 @@ DataConfig = Annotated[
 
 
 class TBPTTConfig(Section):
-    mode: Literal["truncated", "full"] = "truncated"
-    k1: int = Field(24, ge=1)  # steps between parameter updates
+    # adaptive: k2 chosen from the measured gradient decay (Aicher et al., 2019); unbiased:
+    # random truncations with re-weighted gradients, ARTBP (Tallec & Ollivier, 2017).
+    # docs/tbptt.md and trainer/truncation.py.
+    mode: Literal["truncated", "full", "adaptive", "unbiased"] = "truncated"
+    k1: int = Field(24, ge=1)  # steps between parameter updates (unbiased: their mean)
     k2: int | None = Field(None, ge=1)  # steps the gradient flows back; default k1
     reset_on: Literal["none", "document"] = "none"
     randomize: bool = False
     checkpoint_every: int = Field(0, ge=0)
     reset_each_epoch: bool = False
+    # adaptive: k2 lies in [k_min, k_max] (k_max default 4·k1), starts at k_min, and is chosen
+    # again every adapt_every updates for an estimated relative gradient bias <= delta.
+    # unbiased: truncation points lie every k_min steps (k_min = 1: every step, as in the paper).
+    k_min: int = Field(1, ge=1)
+    k_max: int | None = Field(None, ge=1)
+    delta: float = Field(0.1, gt=0.0, lt=1.0)
+    adapt_every: int = Field(100, ge=1)
+    # unbiased: the law of the truncation length: geometric (memoryless, mean k1) or power
+    # (survival (1 + j/s)^-truncation_power, mean about k1: heavier tail, smaller weights).
+    truncation_schedule: Literal["geometric", "power"] = "geometric"
+    truncation_power: float = Field(2.0, gt=1.0, le=16.0)
 
     @model_validator(mode="after")
     def _defaults_and_rules(self) -> "TBPTTConfig":
+        if self.mode == "adaptive" and self.k2 is not None:
+            raise _FieldError("k2", "mode adaptive chooses k2 (from k_min up to k_max): leave it unset")
+        if self.mode == "unbiased" and self.k2 not in (None, self.k1):
+            raise _FieldError("k2", "mode unbiased draws each window's length: leave k2 unset")
         if self.k2 is None:
             object.__setattr__(self, "k2", self.k1)
+        if self.mode == "adaptive" and self.k_max is None:
+            object.__setattr__(self, "k_max", max(4 * self.k1, self.k_min))
+        if self.k_max is not None and self.k_max < self.k_min:
+            raise _FieldError("k_max", f"must be >= k_min ({self.k_min})")
+        if self.mode == "unbiased" and self.k1 < self.k_min:
+            raise _FieldError("k1", f"mode unbiased: the mean window must be >= k_min ({self.k_min})")
         if self.randomize and self.k1 != self.k2:
             raise _FieldError("randomize", "requires k1 == k2")
-        if self.randomize and self.mode == "full":
+        if self.randomize and self.mode != "truncated":
             raise _FieldError("randomize", "applies to mode: truncated only")
         return self
 
@@ -190,6 +214,14 @@ class TrainConfig(Section):
     # Checkpoints kept per job: after each new one, all but the newest N are deleted (the
     # newest, which a resume starts from, always stays).
     keep_checkpoints: int = Field(3, ge=1)
+    # The `model` artifact written when the run completes: the weights at the end, or those
+    # of the evaluation with the lowest valid/loss (kept in every checkpoint, so a resumed
+    # run still knows them: a checkpoint then holds the weights twice).
+    model: Literal["last", "best"] = "last"
+    # Deterministic kernels (torch.use_deterministic_algorithms, cuDNN's deterministic
+    # algorithms, cuBLAS's fixed workspace): a run, and a resumed one, repeats bit for bit
+    # on the same device, at a cost in speed (docs/benchmarks.md).
+    deterministic: bool = False
 
     @model_validator(mode="after")
     def _one_budget(self) -> "TrainConfig":
@@ -231,6 +263,9 @@ class JobConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     priority: int = 0
+    # May the dispatcher stop it (with a checkpoint, resumed later with the same losses) to
+    # place a waiting job of higher priority? docs/reliability.md, "Preemption".
+    preemptible: bool = True
     max_attempts: int = Field(3, ge=1, le=100)
 
     @model_validator(mode="after")
@@ -401,7 +436,8 @@ def data_bytes(config: JobConfig, source_bytes: int | None = None) -> int | None
     if data.kind == "adding":
         return ADDING_BYTES_PER_STEP * data.length * (data.episodes + data.valid_episodes)
     if data.kind == "recall":
-        return 8 * data.batch_size * (RECALL_CACHED_STEPS + data.lag + config.tbptt.k1 + (config.tbptt.k2 or config.tbptt.k1))
+        k2 = max(config.tbptt.k2 or config.tbptt.k1, config.tbptt.k_max or 0)  # adaptive reaches k_max
+        return 8 * data.batch_size * (RECALL_CACHED_STEPS + data.lag + config.tbptt.k1 + k2)
     if source_bytes is None:
         return None
     return FILE_BYTES_FACTOR * source_bytes

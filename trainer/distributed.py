@@ -60,6 +60,9 @@ class Sync:
     def __init__(self, rank: int | None = None, world: int | None = None):
         self.rank = dist.get_rank() if rank is None else rank
         self.world = dist.get_world_size() if world is None else world
+        # Where the scalars of collectives live: the model's device (NCCL, the backend of
+        # GPU groups, reduces CUDA tensors only). Set by attach.
+        self.device = torch.device("cpu")
 
     # -- hooks called by trainer.loop.Trainer (its DataParallel protocol) ---------------
 
@@ -67,6 +70,7 @@ class Sync:
         """Before the carried state exists: take this rank's streams, start from rank 0's
         parameters, and give the rank its own dropout randomness."""
         trainer.streams = self.shard(trainer.data.train)
+        self.device = trainer.device
         with torch.no_grad():
             flat = torch.cat([p.detach().reshape(-1) for p in trainer.params])
             dist.broadcast(flat, src=0)
@@ -83,7 +87,7 @@ class Sync:
 
     def count(self, local: int) -> int:
         """Scored (step, stream) pairs of the window over all ranks."""
-        total = torch.tensor([local], dtype=torch.float64)
+        total = torch.tensor([local], dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
         return int(total.item())
 
@@ -107,7 +111,7 @@ class Sync:
             return evaluate(runner, valid, device)
         result = evaluate(runner, self.shard(valid), device)
         count = result["count"]
-        sums = torch.tensor([result["loss"] * count, result["correct"] * count, count], dtype=torch.float64)
+        sums = torch.tensor([result["loss"] * count, result["correct"] * count, count], dtype=torch.float64, device=self.device)
         dist.all_reduce(sums)
         loss, correct, count = sums.tolist()
         return {"loss": loss / max(count, 1), "correct": correct / max(count, 1), "count": count}
@@ -115,7 +119,7 @@ class Sync:
     # -- scalars -------------------------------------------------------------------------
 
     def max(self, value: float) -> float:
-        t = torch.tensor([float(value)], dtype=torch.float64)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item()
 
@@ -189,6 +193,10 @@ class GroupCallbacks(Callback):
         full = self.sync.gather_checkpoint(checkpoint)
         for cb in self.callbacks:
             cb.on_checkpoint(step, full)
+
+    def on_model(self, artifact):
+        for cb in self.callbacks:  # rank 0's parameters are the group's
+            cb.on_model(artifact)
 
     def should_stop(self) -> bool:
         return self.sync.any(any(cb.should_stop() for cb in self.callbacks))

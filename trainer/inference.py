@@ -26,7 +26,7 @@ from trainer import checkpoint as ckpt
 from trainer import filedata
 from trainer.artifact import Artifact, ArtifactError, read
 from trainer.models import RNNModel, State
-from trainer.reporting import latest_checkpoint
+from trainer.reporting import MODEL_FILE, latest_checkpoint
 from trainer.tbptt import evaluate as evaluate_streams
 from trainer.tbptt import evaluation_metrics, runner_for
 from trainer.tokens import EOS, prompt_tokens, render
@@ -38,6 +38,25 @@ MAX_HORIZON = 1_000  # predict: steps ahead
 MAX_STEPS = 1_000_000  # step and predict: steps x streams per call (rows of a series)
 MAX_OUTPUTS = 50_000_000  # step: values returned per call (steps x streams x classes)
 MAX_STREAMS = 4_096  # evaluate: parallel streams (data.batch_size's limit)
+MAX_GENERATE_BATCH = 256  # generate_batch: prompts sampled together
+
+# The bounds above, for people (docs/operations.md, "Limits of using a model", is rendered
+# from this by docs/generated.py): (what, the bound, why).
+BOUNDS: tuple[tuple[str, str, str], ...] = (
+    ("generate: `max_tokens`", f"{MAX_TOKENS:,}", "tokens sampled per call; a generation holds one stream's state"),
+    ("generate: `prompt`", f"{MAX_PROMPT_CHARS:,} characters", "read through the model before sampling"),
+    ("generate: `temperature`", f"{MAX_TEMPERATURE:g}", "0 is greedy"),
+    ("generate_batch: prompts", f"{MAX_GENERATE_BATCH:,}", "streams sampled together (Python API)"),
+    ("predict: `horizon`", f"{MAX_HORIZON:,}", "rows forecast ahead, one at a time"),
+    ("step, predict: inputs", f"{MAX_STEPS:,} steps x streams", "per call (a session step, a predict series)"),
+    ("step: outputs", f"{MAX_OUTPUTS:,} values", "steps x streams x classes returned by one call"),
+    ("evaluate: `batch_size`", f"{MAX_STREAMS:,}", "parallel streams over the file (also `evaluate.batch_size` of evaluate jobs)"),
+)
+
+
+def bounds_markdown() -> str:
+    rows = ["| what | at most | why |", "| --- | --- | --- |"]
+    return "\n".join(rows + [f"| {what} | {bound} | {why} |" for what, bound, why in BOUNDS])
 
 
 class StepModule(nn.Module):
@@ -133,10 +152,16 @@ class Model:
         (n, B) -> logits (n[, B], V). Others: rows (n, F) or (n, B, F) in original units
         -> the target's next value (n[, B]). State: {"h": (L, B, H)[, "c": ...]}."""
         x, single = self._inputs(inputs)
-        state = self._state(state, x.shape[1])
-        out, *flat = self.stepper(x, *(state if isinstance(state, tuple) else (state,)))
-        new = tuple(flat) if self.module.cell == "lstm" else flat[0]
+        out, new = self._run(x, self._state(state, x.shape[1]))
         return (out[:, 0] if single else out), _as_dict(new)
+
+    def _run(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The step module on checked inputs and state (generation's inner loop calls it
+        directly: its tokens need no checking)."""
+        if self.stepper.tokens:  # the step module passes token ids through: one call less a step
+            return self.module(x, state)
+        out, *flat = self.stepper(x, *(state if isinstance(state, tuple) else (state,)))
+        return out, (tuple(flat) if self.module.cell == "lstm" else flat[0])
 
     def _inputs(self, inputs: Any) -> tuple[torch.Tensor, bool]:
         tokens = self.artifact.task.vocab is not None
@@ -168,17 +193,18 @@ class Model:
         return x.to(self.device), single
 
     def _state(self, state: Mapping[str, torch.Tensor] | None, batch: int) -> State:
-        fresh = self.module.initial_state(batch, self.device)
+        module = self.module
         if state is None:
-            return fresh
-        names = ("h", "c") if self.module.cell == "lstm" else ("h",)
-        if not isinstance(state, Mapping) or set(state) != set(names):
+            return module.initial_state(batch, self.device)
+        names = ("h", "c") if module.cell == "lstm" else ("h",)
+        if not isinstance(state, dict | Mapping) or state.keys() != set(names):
             raise ValueError(f"state: a mapping with keys {list(names)} (or None for a fresh state)")
+        shape, dtype = (module.num_layers, batch, module.hidden_size), module.decoder.weight.dtype
         parts = []
-        for name, like in zip(names, fresh if isinstance(fresh, tuple) else (fresh,)):
-            value = torch.as_tensor(state[name], dtype=like.dtype, device=self.device)
-            if value.shape != like.shape:
-                raise ValueError(f"state.{name}: shape {tuple(value.shape)}, expected {tuple(like.shape)} (layers, streams, hidden)")
+        for name in names:
+            value = torch.as_tensor(state[name], dtype=dtype, device=self.device)  # no copy when it is one already
+            if value.shape != shape:
+                raise ValueError(f"state.{name}: shape {tuple(value.shape)}, expected {shape} (layers, streams, hidden)")
             parts.append(value)
         return tuple(parts) if len(parts) == 2 else parts[0]
 
@@ -207,7 +233,7 @@ class Model:
         if not isinstance(temperature, (int, float)) or not 0 <= temperature <= MAX_TEMPERATURE:
             raise ValueError(f"temperature: a number in [0, {MAX_TEMPERATURE}] (0: always the likeliest token)")
         if top_k is not None:
-            _check_int("top_k", top_k, 1, self.artifact.task.vocab)
+            _check_int("top_k", top_k, 1, self.artifact.task.vocab - 1)  # <unk> is never sampled
         if seed is not None:
             _check_int("seed", seed, 0, 2**63 - 1)
         tokens = prompt_tokens(prompt, self.artifact.tokenizer)
@@ -227,35 +253,53 @@ class Model:
         text = "".join(stream)
         return Generation(text, stream.tokens, stream.unknown)
 
+    def generate_batch(
+        self, prompts: Sequence[str], max_tokens: int, temperature: float = 1.0, top_k: int | None = None, seed: int | None = None,
+    ) -> list[Generation]:
+        """`generate` for several prompts at once, sampled as one batch of streams (one
+        recurrent call a token for all of them): up to MAX_GENERATE_BATCH prompts."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not 0 < len(prompts) <= MAX_GENERATE_BATCH:
+            raise ValueError(f"prompts: a list of 1 to {MAX_GENERATE_BATCH} prompts")
+        streams = [self.stream(p, max_tokens, temperature, top_k, seed) for p in prompts]  # checks each
+        tokenizer, vocab = self.artifact.tokenizer, self.artifact.vocab
+        ids = [self._ids(prompt_tokens(p, tokenizer))[0] for p in prompts]
+        with torch.no_grad():
+            states = [self._read(i[:-1]) for i in ids]
+            state = tuple(torch.cat(parts, 1) for parts in zip(*states)) if self.module.cell == "lstm" else torch.cat(states, 1)
+            logits, state = self._run(torch.tensor([[i[-1] for i in ids]], device=self.device), state)
+            gen, sampled = _generator(seed), []
+            for _ in range(max_tokens):
+                tokens = _pick(logits[-1], float(temperature), top_k, gen)
+                sampled.append(tokens)
+                logits, state = self._run(tokens.to(self.device).unsqueeze(0), state)
+        by_stream = torch.stack(sampled, 1).tolist()
+        out = []
+        for stream, prompt_ids, row in zip(streams, ids, by_stream):
+            tokens = [vocab[t] for t in row]
+            text = "".join(render(tokens, tokenizer, line_start=vocab[prompt_ids[-1]] == EOS))
+            out.append(Generation(text, tokens, stream.unknown))
+        return out
+
     def _sample(self, ids: list[int], n: int, temperature: float, top_k: int | None, seed: int | None, record: list[str]) -> Iterator[str]:
-        gen = torch.Generator()
-        if seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(seed)
+        gen = _generator(seed)
         vocab = self.artifact.vocab
-        logits, state = self.step(ids[-1:], self._read(ids[:-1]))
+        with torch.no_grad():  # per call: grad mode must not stay switched across a yield
+            logits, state = self._run(torch.tensor(ids[-1:], device=self.device).unsqueeze(1), self._read(ids[:-1]))
         for _ in range(n):
-            last = logits[-1].float().cpu()
-            if temperature == 0:
-                token = int(last.argmax())
-            else:
-                last = last / temperature
-                if top_k is not None and top_k < len(last):
-                    kth = torch.topk(last, top_k).values[-1]
-                    last = last.masked_fill(last < kth, -math.inf)
-                token = int(torch.multinomial(torch.softmax(last, -1), 1, generator=gen))
+            picked = _pick(logits[-1], temperature, top_k, gen)  # (1,): the next input as it is
+            token = int(picked)
             record.append(vocab[token])
             yield vocab[token]
-            logits, state = self.step([token], state)
+            with torch.no_grad():
+                logits, state = self._run(picked.to(self.device).view(1, 1), state)
 
     @torch.no_grad()
-    def _read(self, ids: list[int]) -> dict[str, torch.Tensor]:
+    def _read(self, ids: list[int]) -> State:
         """The state after `ids`, without the head: a long prompt costs no logits."""
         state = self.module.initial_state(1, self.device)
         if ids:
             _, state = self.module.recur(torch.tensor(ids, device=self.device).unsqueeze(1), state)
-        return _as_dict(state)
+        return state
 
     # -- time series ------------------------------------------------------------------------
 
@@ -325,9 +369,12 @@ class Model:
 
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> Model:
-    """The model of a checkpoint file, or of a run folder's latest checkpoint."""
+    """The model of a checkpoint (or model artifact) file, or of a run folder: its
+    model.pt when the run completed, else its latest checkpoint."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and (path / MODEL_FILE).is_file():
+        path = path / MODEL_FILE
+    elif path.is_dir():
         found = latest_checkpoint(path)
         if found is None:
             raise FileNotFoundError(f"no checkpoint under {path}/checkpoints")
@@ -339,6 +386,30 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> Model:
     except Exception as exc:  # torch raises many kinds for a file that is not a checkpoint
         raise ArtifactError(f"{path}: not a checkpoint torch can read safely ({type(exc).__name__})") from None
     return Model(read(state, str(path)), device)
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> torch.Tensor:
+    """One token id per row of logits (B, V), on the CPU: the likeliest (temperature 0),
+    or sampled from the softmax of logits / temperature, among the top_k when given.
+    Never <unk> (id 0): it stands for no character or word, so it is not generated."""
+    if temperature == 0:
+        return logits[..., 1:].float().argmax(-1).cpu() + 1
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    if top_k is not None and top_k < scaled.shape[-1] - 1:
+        kth = torch.topk(scaled[..., 1:], top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, -math.inf)
+    probs = torch.softmax(scaled, -1).cpu()  # a new tensor: zeroing <unk> changes no caller's
+    probs[..., 0] = 0.0  # multinomial takes weights: no need to renormalise
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
 def _as_dict(state: State) -> dict[str, torch.Tensor]:

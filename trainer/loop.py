@@ -24,7 +24,8 @@ from trainer.config import ConfigError, JobConfig, config_dict, parse_config
 from trainer.data import Data, Streams, Window, load_data
 from trainer.models import RNNModel, State, count_parameters
 from trainer.optim import Schedule, build_optimizer
-from trainer.tbptt import Plan, Runner, detach, evaluate, evaluation_metrics, map_state, plan_update, runner_for
+from trainer.tbptt import Plan, Runner, detach, deterministic_algorithms, evaluate, evaluation_metrics, map_state, plan_update, runner_for
+from trainer.truncation import Adaptive, Choice, measure_ahead, policy_for
 
 
 class Callback:
@@ -34,8 +35,12 @@ class Callback:
     def on_update(self, step: int, metrics: dict[str, float | None]) -> None: ...
     def on_eval(self, step: int, metrics: dict[str, float | None]) -> None: ...
     def on_checkpoint(self, step: int, checkpoint: dict[str, Any]) -> None: ...
+    def on_model(self, artifact: dict[str, Any]) -> None: ...  # a completed run's model (checkpoint.model_artifact)
     def should_stop(self) -> bool:
         return False
+    def stop_reason(self) -> str | None:
+        """Why to stop before the next update (Summary.stopped), or None to go on."""
+        return "cancelled" if self.should_stop() else None
     def on_end(self, summary: "Summary") -> None: ...
 
 
@@ -58,7 +63,7 @@ class Summary:
     peak_memory_bytes: int
     clipped_fraction: float
     skipped_steps: int
-    stopped: str  # completed | cancelled | time limit
+    stopped: str  # completed | cancelled | time limit | a callback's stop_reason() (e.g. early)
     valid_accuracy: float | None = None
     valid_ppl: float | None = None
     valid_bpc: float | None = None
@@ -78,7 +83,7 @@ def pick_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError([("train.device", "cuda requested but no CUDA device is visible")])
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
+        return torch.device("cuda", torch.cuda.current_device())  # the one the worker pinned
     return torch.device("cpu")
 
 
@@ -140,6 +145,7 @@ class DataParallel(Protocol):
     def any(self, flag: bool) -> bool: ...
     def reduce_gradients(self, params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor: ...
     def evaluate(self, runner: Runner, valid: Streams, device: torch.device) -> dict[str, float]: ...
+    def broadcast_object(self, obj: Any) -> Any: ...  # rank 0's value on every rank
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,7 @@ class UpdatePlan:
     count: int  # scored (step, stream) pairs of the loss, over every rank
     lr: float
     new_steps: int  # how far the cursor moves: this update's k1
+    truncation: Choice = Choice(0, 0)  # k1, k2 and (modes adaptive, unbiased) weights, metrics
 
 
 @dataclass(frozen=True)
@@ -187,7 +194,9 @@ class Trainer:
             sync.attach(self)  # this rank's streams, rank 0's parameters
         self.cursor = Cursor(kept=self.model.initial_state(self.streams.batch_size, device))
         self.counters = Counters()
+        self.best = ckpt.BestWeights() if config.train.model == "best" else None
         self._full_bounds = self._full_mode_bounds() if tb.mode == "full" else None
+        self.truncation = policy_for(tb, self.window_rng, data.train.batch_size)  # modes adaptive, unbiased
 
     # -- the window -------------------------------------------------------------------
 
@@ -208,11 +217,24 @@ class Trainer:
         if not tb.randomize:
             return tb.k1, tb.k2, 1.0
         # AWD-LSTM (Merity et al., 2017): a window of k, or k/2 with probability 0.05,
-        # jittered by Normal(0, 5) and at least 5 steps; lr scaled by drawn/k.
-        base = tb.k1 if torch.rand((), generator=self.window_rng).item() < 0.95 else tb.k1 / 2
-        drawn = max(5, int(torch.normal(base, 5.0, (), generator=self.window_rng).item()))
+        # jittered by Normal(0, 5) and at least 5 steps; lr scaled by drawn/k (host draws).
+        base = tb.k1 if torch.rand((), generator=self.window_rng, device="cpu").item() < 0.95 else tb.k1 / 2
+        drawn = max(5, int(torch.normal(base, 5.0, (), generator=self.window_rng, device="cpu").item()))
         drawn = min(drawn, self.streams.length - position)
         return drawn, drawn, drawn / tb.k1
+
+    def choose_truncation(self) -> Choice:
+        """The next window's truncation: the mode's policy (trainer/truncation.py), or the
+        configured k1, k2 (randomized or full)."""
+        position, length = self.cursor.position, self.streams.length
+        if isinstance(self.truncation, Adaptive):
+            return self.truncation.choose(self.counters.step, self._measure_lags, position, length, self.counters.train_seconds)
+        return self.truncation.choose(position, length) if self.truncation is not None else Choice(*self.window_length())
+
+    def _measure_lags(self, start: int, end: int) -> torch.Tensor | None:
+        """Mode adaptive: per-lag gradient norms over (start, end]; rank 0's on every rank."""
+        phi = measure_ahead(self.runner, self.streams, self.device, self.cursor.kept_position, self.cursor.kept, start, end)
+        return self.sync.broadcast_object(phi) if self.sync is not None else phi
 
     def total_steps(self) -> int:
         train = self.config.train
@@ -233,15 +255,15 @@ class Trainer:
     def plan(self) -> UpdatePlan:
         """The next window: its k1 and k2, its segments (tbptt.plan_update), its rate."""
         cursor = self.cursor
-        k1, k2, lr_scale = self.window_length()
-        segments = plan_update(cursor.position, cursor.kept_position, k1, k2, self.streams.length)
+        choice = self.choose_truncation()
+        segments = plan_update(cursor.position, cursor.kept_position, choice.k1, choice.k2, self.streams.length)
         host = self.streams.window(segments.kept, segments.end)
         # Counted on the host, before the copy: the count needs no device sync.
         count = int(host.scored[segments.loss - segments.kept :].sum())
         if self.sync is not None:
             count = self.sync.count(count)  # the loss is a mean over every rank's pairs
-        lr = self.schedule.lr(self.counters.step) * lr_scale
-        return UpdatePlan(segments, host.to(self.device), count, lr, segments.end - cursor.position)
+        lr = self.schedule.lr(self.counters.step) * choice.lr_scale
+        return UpdatePlan(segments, host.to(self.device), count, lr, segments.end - cursor.position, choice)
 
     def step(self, plan: UpdatePlan) -> StepResult:
         """Forward, backward, clip and the optimizer step; the streams move on."""
@@ -254,9 +276,10 @@ class Trainer:
             group["lr"] = plan.lr
         self.optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad() if plan.count else torch.no_grad():
-            loss_sum, kept = self.runner.loss(window, segments.kept, segments, state)
+            loss_sum, kept = self.runner.loss(window, segments.kept, segments, state, plan.truncation.grad_scales)
         # A window with no scored step (e.g. mid-episode) has nothing to learn from.
-        result = self._apply_gradients(loss_sum / plan.count) if plan.count else StepResult()
+        denominator = plan.truncation.loss_denominator or plan.count  # unbiased: a constant
+        result = self._apply_gradients(loss_sum / plan.count, plan.count / denominator) if plan.count else StepResult()
         self._advance_cursor(segments, kept)
         return result
 
@@ -272,6 +295,7 @@ class Trainer:
         if result.loss is not None and math.isfinite(result.loss):
             counters.recent_losses.append(result.loss)
         return {
+            **(plan.truncation.metrics or {}),
             "train/lr": plan.lr,
             "train/k1": float(plan.new_steps),
             "train/loss": finite_or_none(result.loss),
@@ -282,8 +306,10 @@ class Trainer:
             "train/tokens_per_s": new_tokens / elapsed if elapsed > 0 else None,
         }
 
-    def _apply_gradients(self, loss: torch.Tensor) -> StepResult:
-        self.scaler.scale(loss).backward()
+    def _apply_gradients(self, loss: torch.Tensor, scale: float = 1.0) -> StepResult:
+        """Backward of loss · scale (mode unbiased: the sum over a constant, not the mean),
+        clip, step; `train/loss` reports the mean over the window's scored pairs."""
+        self.scaler.scale(loss * scale if scale != 1.0 else loss).backward()
         if self.sync is not None:  # before clipping: the clip sees the global norm
             loss = self.sync.reduce_gradients(self.params, loss)
         self.scaler.unscale_(self.optimizer)
@@ -322,9 +348,11 @@ class Trainer:
             result = self.sync.evaluate(self.runner, self.data.valid, self.device)
         else:
             result = evaluate(self.runner, self.data.valid, self.device)
-        metrics = evaluation_metrics(self.data.task, result)
+        metrics = {k: finite_or_none(v) for k, v in evaluation_metrics(self.data.task, result).items()}
         self.schedule.observe(result["loss"])
-        return {k: finite_or_none(v) for k, v in metrics.items()}
+        if self.best is not None:
+            self.best.offer(self.counters.step, metrics.get("valid/loss"), self.model)
+        return metrics
 
     def done(self) -> bool:
         train = self.config.train
@@ -351,7 +379,11 @@ def fit(
     On a data-parallel rank (`sync`), pass `resume` as `sync.local_checkpoint(...)` and
     the callbacks inside one `trainer.distributed.GroupCallbacks`."""
     config = parse_config(config)
-    callbacks = list(callbacks)
+    with deterministic_algorithms(config.train.deterministic):
+        return _fit(config, list(callbacks), resume, resolve, sync)
+
+
+def _fit(config: JobConfig, callbacks: list[Callback], resume, resolve, sync) -> Summary:
     wall_start = time.perf_counter()
     device = pick_device(config.train.device)
     reset_peak_memory(device)
@@ -375,8 +407,9 @@ def fit(
     stopped = "completed"
     loop_start, wall_before = time.perf_counter(), counters.wall_seconds
     while not trainer.done():
-        if any(cb.should_stop() for cb in callbacks):
-            stopped = "cancelled"
+        reason = next((r for r in (cb.stop_reason() for cb in callbacks) if r), None)
+        if reason is not None:
+            stopped = reason
             break
         if _out_of_time(train.max_wall_s, counters.wall_seconds, sync):
             stopped = "time limit"
@@ -392,8 +425,12 @@ def fit(
         counters.wall_seconds = wall_before + time.perf_counter() - loop_start
         if (train.checkpoint_every and counters.step % train.checkpoint_every == 0) or last:
             _checkpoint(trainer, callbacks)
-    if stopped != "completed" and counters.step:  # cancelled or out of time: resumable from here
+    if stopped != "completed" and counters.step:  # stopped before its end: resumable from here
         _checkpoint(trainer, callbacks)
+    if stopped == "completed" and any(type(cb).on_model is not Callback.on_model for cb in callbacks):
+        model = ckpt.model_artifact(trainer)
+        for cb in callbacks:
+            cb.on_model(model)
 
     summary = _summary(trainer, valid, stopped, time.perf_counter() - wall_start, info)
     for cb in callbacks:

@@ -48,12 +48,17 @@ class RNNModel(nn.Module):
 
     def recur(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Run the recurrent stack over (n, B, ...) inputs; returns (n, B, H) outputs."""
-        return self.rnn(self.drop(self.encoder(inputs)), state)
+        return self.rnn(self._dropout(self.encoder(inputs)), state)
 
     def head(self, outputs: torch.Tensor) -> torch.Tensor:
         """Predictions from recurrent outputs: logits (n, B, C) or values (n, B)."""
-        out = self.decoder(self.drop(outputs))
+        out = self.decoder(self._dropout(outputs))
         return out.squeeze(-1) if self.regression else out
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        # Out of training, dropout is the identity (and draws no random numbers): skipping
+        # the call saves its cost per step where steps are one token (generation).
+        return self.drop(x) if self.training and self.drop.p else x
 
     def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         outputs, state = self.recur(inputs, state)

@@ -7,6 +7,8 @@ workers); it does no argument parsing and prints nothing.
     DIR/metrics.jsonl          one JSON object per update and per evaluation
     DIR/checkpoints/step-N.pt  checkpoints (N zero-padded to 8 digits); the newest
                                `train.keep_checkpoints` are kept, older ones deleted
+    DIR/model.pt               a completed run's model: config, weights (train.model: last
+                               or best) and the inference section, no training state
     DIR/summary.json           the run's summary, written at the end
 """
 
@@ -20,6 +22,7 @@ from trainer import checkpoint as ckpt
 from trainer.loop import Callback, Summary
 
 CHECKPOINT_GLOB = "step-*.pt"
+MODEL_FILE = "model.pt"  # a completed run's model (trainer.checkpoint.model_artifact)
 
 
 class FileReporter(Callback):
@@ -47,6 +50,9 @@ class FileReporter(Callback):
             # Only after the new one is saved: a crash in between leaves one too many, never none.
             for old in _by_step(self.out)[: -self.keep]:
                 old.unlink(missing_ok=True)
+
+    def on_model(self, artifact: dict[str, Any]) -> None:
+        ckpt.save(self.out / MODEL_FILE, artifact)
 
     def on_end(self, summary: Summary) -> None:
         self._metrics.close()

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,24 @@ def _unflat(tensors: tuple[torch.Tensor, ...], like: State) -> State:
     return tuple(tensors) if isinstance(like, tuple) else tensors[0]
 
 
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the gradient flowing back through it is multiplied by `factor`."""
+
+    @staticmethod
+    def forward(ctx, factor: float, *tensors: torch.Tensor):
+        ctx.factor = factor
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        return (None, *(g * ctx.factor if g is not None else None for g in grads))
+
+
+def scale_gradient(state: State, factor: float) -> State:
+    """The state unchanged, with the gradient that flows back through it times factor."""
+    return _unflat(_ScaleGradient.apply(factor, *_flat(state)), state)
+
+
 # -- running segments -------------------------------------------------------------------
 
 
@@ -124,15 +143,20 @@ class Runner:
                 state = self.segment(window, base, a, b, b, state).state
         return state
 
-    def loss(self, window: Window, base: int, plan: Plan, state: State) -> tuple[torch.Tensor, State]:
+    def loss(self, window: Window, base: int, plan: Plan, state: State, grad_scales: dict[int, float] | None = None) -> tuple[torch.Tensor, State]:
         """Sum of the losses of steps [plan.loss, plan.end), with the graph from plan.graph.
 
-        Returns the summed loss and the state at plan.keep (attached to the graph where
-        it lies inside it; detach before carrying it on)."""
+        `grad_scales` maps positions inside the graph to a factor that multiplies the
+        gradient flowing back through the state there (ARTBP's compensation, see
+        trainer/truncation.py); the segments are cut there. Returns the summed loss and the
+        state at plan.keep (attached to the graph where it lies inside it; detach before
+        carrying it on)."""
         total = torch.zeros((), device=_first(state).device)
-        kept = state
+        kept, scales = state, grad_scales or {}
         with self.autocast():
-            for a, b in _pairs(self.cuts(window, plan.graph, plan.end, base, (plan.keep,))):
+            for a, b in _pairs(self.cuts(window, plan.graph, plan.end, base, (plan.keep, *scales))):
+                if a in scales:
+                    state = scale_gradient(state, scales[a])
                 lo = max(a, plan.loss)
                 if self.checkpoint_every:
                     flat = checkpoint(self._checkpointed_loss, window, base, a, b, lo, *_flat(state), use_reentrant=False)
@@ -161,7 +185,11 @@ class Runner:
 
     def _checkpointed_loss(self, window, base, a, b, lo, *flat_state):
         # torch.utils.checkpoint passes and returns tensors only, so the state travels flat.
-        seg = self.segment(window, base, a, b, lo, _unflat(flat_state, self._like))
+        # The recomputation runs in backward, outside loss()'s context: enter it again (it
+        # restores autocast itself, but not the CPU's oneDNN switch, and a recomputation on
+        # another kernel saves other tensors: CheckpointError with bf16/fp16 on CPU).
+        with self.autocast():
+            seg = self.segment(window, base, a, b, lo, _unflat(flat_state, self._like))
         return (seg.loss, *_flat(seg.state))
 
     @property
@@ -185,6 +213,23 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], contextli
         return stack
 
     return enter
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """`train.deterministic`: deterministic kernels (an op without one raises), cuDNN's
+    among them, and cuBLAS with a fixed workspace; the process's settings come back after
+    the run (a worker process runs many jobs in turn). Its cost: docs/benchmarks.md."""
+    cudnn, saved = torch.backends.cudnn, (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+        torch.use_deterministic_algorithms(True)
+        cudnn.deterministic = True  # with cudnn.benchmark on, it tries deterministic algorithms only
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        cudnn.deterministic = saved[1]
 
 
 def runner_for(model: RNNModel, config: JobConfig, device: torch.device) -> Runner:

@@ -10,7 +10,9 @@ fail, or to the lease, which expires.
 
 An attempt that reserves no GPU (`resources.gpus: 0`) sees none (`gpus_as_reserved`):
 Ray no longer hides GPUs from tasks that reserve none, and a job on a GPU that Ray gave to
-another would take its memory and time.
+another would take its memory and time. One that reserves GPUs, whole or a fraction, runs
+on the first GPU Ray assigned to its task (`pin_assigned_gpu`), also in a worker process
+whose CUDA started for an earlier task.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import redis
+import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.store.artifacts import ArtifactStore
@@ -91,7 +94,12 @@ def gpus_as_reserved(config: JobConfig) -> Iterator[JobConfig]:
     Hiding happens before anything asks torch about CUDA, and never initialises CUDA, so a
     later task of this process still finds the GPUs Ray gives it. Yields the config to train."""
     if config.resources.gpus > 0:
-        yield config
+        pin_assigned_gpu()
+        try:
+            yield config
+        finally:
+            if torch.cuda.is_initialized():  # give back the allocator's cache: the next task may get another GPU
+                torch.cuda.empty_cache()
         return
     saved = {name: os.environ.get(name) for name in HIDDEN_GPUS}
     os.environ.update(HIDDEN_GPUS)
@@ -105,6 +113,50 @@ def gpus_as_reserved(config: JobConfig) -> Iterator[JobConfig]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+# CUDA reads CUDA_VISIBLE_DEVICES once, when it starts in a process, and numbers the GPUs
+# of that list for good; Ray sets the variable anew for each task of a reused process.
+# Noted by the first attempt with GPUs, before anything of it touches CUDA.
+_cuda_numbering: list[str | None] = []
+
+
+def cuda_ordinal(assigned: list[str], numbering: str | None) -> int:
+    """torch's index of the first GPU of `assigned` (Ray's ids, as CUDA_VISIBLE_DEVICES names
+    them) when CUDA started with CUDA_VISIBLE_DEVICES = `numbering` (None: unset, every
+    GPU of the node by its index). A fraction of a GPU is one id."""
+    if numbering is None:
+        return int(assigned[0])
+    visible = [name.strip() for name in numbering.split(",") if name.strip()]
+    if assigned[0] not in visible:
+        raise RuntimeError(
+            f"GPU {assigned[0]} was assigned to this task, but this worker process started CUDA with"
+            f" CUDA_VISIBLE_DEVICES={numbering!r} and cannot reach it"
+        )
+    return visible.index(assigned[0])
+
+
+def assigned_gpus() -> list[str]:
+    """The GPU ids Ray assigned to the running task or actor; [] outside Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+
+
+def pin_assigned_gpu() -> int | None:
+    """Make the first GPU Ray assigned this process's current CUDA device (`train.device:
+    cuda`, and `auto` on a GPU, train there); its index, or None when there is nothing to pin
+    (outside Ray, or no GPU visible)."""
+    if not _cuda_numbering:
+        _cuda_numbering.append(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    assigned = assigned_gpus()
+    if not assigned or not torch.cuda.is_available():
+        return None
+    index = cuda_ordinal(assigned, _cuda_numbering[0])
+    torch.cuda.set_device(index)
+    return index
 
 
 @lru_cache(maxsize=4)
@@ -207,6 +259,13 @@ def train_attempt(reporter: JobReporter, train: Callable[[], Summary]) -> str:
     return _finish(reporter, state, summary=summary)
 
 
+def _summary(summary: Summary | None, model: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The job's stored summary: the trainer's, with the model artifact's record (`model`)."""
+    if summary is None:
+        return None
+    return {**summary.to_dict(), **({"model": model} if model is not None else {})}
+
+
 def _finish(reporter: JobReporter, state: JobState, *, error: str | None = None, summary=None) -> str:
     attempt = reporter.attempt
     if error:
@@ -216,7 +275,7 @@ def _finish(reporter: JobReporter, state: JobState, *, error: str | None = None,
     def finish(session) -> None:
         finished.append(states.finish(
             session, attempt.job_id, attempt.number, state, error,
-            summary=summary.to_dict() if summary is not None else None,
+            summary=_summary(summary, reporter.model),
         ))
 
     try:

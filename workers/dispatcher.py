@@ -28,8 +28,8 @@ sessions' outbox (service.store.db.outbox), a claim before its attempt starts.
 Why Ray tasks, not one actor per job: a job needs no state between calls, and Ray reuses
 a task's worker process, which keeps torch and the engine imported; creating an actor
 costs a fresh process (2–3 s here), which would cap throughput at well under one tiny job
-per second per core. GPU tasks get a fresh process per job anyway (Ray's default
-`max_calls=1` for GPU tasks releases GPU memory). Fate-sharing is the same: if the
+per second per core. GPU tasks get a fresh process per attempt (`max_calls=1`: frees GPU
+memory; a reused process's CUDA would number the GPUs of an earlier task). Fate-sharing is the same: if the
 dispatcher dies, Ray ends the tasks it owns, their leases expire, and another dispatcher
 resumes the jobs from their checkpoints.
 """
@@ -57,7 +57,7 @@ import redis.asyncio as aioredis
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.store import events
-from service.store.db import outbox, repo, states
+from service.store.db import early_stop, outbox, repo, states
 from service.store.db.base import utcnow
 from service.store.db.errors import DatabaseUnavailable, NotFound
 from service.store.db.models import JobState
@@ -65,10 +65,12 @@ from service.store.db.session import make_engine
 from service.store.keys import Keys
 from service.store.queue import JobQueue
 from service.store.settings import Settings, get_settings
-from trainer.config import ResourcesConfig, parse_config
+from trainer.config import parse_config
 from workers.attempt import AttemptSpec
 from workers.fairness import FairShare
 from workers.metrics import DispatcherMetrics
+from workers import preemption
+from workers.placement import ClusterView, Needs, node_totals
 from workers.runner import run_attempt, warm_up
 
 log = logging.getLogger("unroll.dispatcher")
@@ -82,50 +84,6 @@ RAY_RELEASE_LAG_S = 0.25
 CLUSTER_VIEW_TTL_S = 1.0
 
 
-@dataclass(frozen=True)
-class Needs:
-    cpus: float  # per worker
-    gpus: float
-    workers: int = 1  # data-parallel ranks (workers/ddp.py), each with cpus and gpus
-
-    @classmethod
-    def of(cls, resources: ResourcesConfig) -> "Needs":
-        return cls(resources.cpus, resources.gpus, resources.workers)
-
-    def fits(self, resources: dict[str, float]) -> bool:
-        """The whole group fits in these (summed) resources."""
-        n = self.workers
-        return resources.get("CPU", 0.0) >= n * self.cpus - 1e-9 and resources.get("GPU", 0.0) >= n * self.gpus - 1e-9
-
-    def fits_nodes(self, nodes: list[dict[str, float]]) -> bool:
-        """Some placement of every worker, whole, on these nodes exists."""
-        def slots(node: dict[str, float]) -> int:
-            counts = [int(node.get(key, 0.0) / need + 1e-9) for key, need in (("CPU", self.cpus), ("GPU", self.gpus)) if need > 0]
-            return min(counts) if counts else self.workers
-        return sum(slots(node) for node in nodes) >= self.workers
-
-    def reserve(self) -> bool:
-        """A group's resources are free at once now (a placement group, released at once:
-        Ray Train reserves its own, all or nothing). Single workers: nothing to do."""
-        if self.workers == 1:
-            return True
-        from workers.ddp import group_is_placeable
-
-        return group_is_placeable(self.cpus, self.gpus, self.workers)
-
-    def describe(self) -> str:
-        gpus = f" and {self.gpus:g} GPU" if self.gpus else ""
-        group = f"{self.workers} workers of " if self.workers > 1 else ""
-        return f"{group}{self.cpus:g} CPU{gpus}"
-
-
-@dataclass(frozen=True)
-class ClusterView:
-    nodes: list[dict[str, float]]  # each alive node's resources
-    totals: dict[str, float]  # the cluster's
-    at: float  # monotonic time asked
-
-
 @dataclass
 class Running:
     job_id: str
@@ -133,9 +91,18 @@ class Running:
     ref: Any
     needs: Needs
     started: float = field(default_factory=time.monotonic)
+    priority: int = 0
+    project_id: str = ""
+    preemptible: bool = True
+    preempted_by: str | None = None  # the waiting job this attempt was asked to stop for
 
 
 def _run_on_ray(spec: AttemptSpec) -> str:
+    return run_attempt(spec)
+
+
+def _run_on_ray_gpu(spec: AttemptSpec) -> str:
+    """The same, declared with max_calls=1 (which `.options()` cannot set)."""
     return run_attempt(spec)
 
 
@@ -169,6 +136,7 @@ class Dispatcher:
         self._cluster_view = ClusterView([], {}, 0.0)
         self.metrics = DispatcherMetrics()
         self.fair = FairShare(self.db)
+        self.preempted_for: dict[str, str] = {}  # job → the waiting job that last preempted it
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -191,6 +159,7 @@ class Dispatcher:
                 runtime_env={"worker_process_setup_hook": warm_up},
             )
         self._remote = ray.remote(max_retries=0, retry_exceptions=False)(_run_on_ray)
+        self._remote_gpu = ray.remote(max_retries=0, retry_exceptions=False, max_calls=1)(_run_on_ray_gpu)
 
     # -- the loops ----------------------------------------------------------------------
 
@@ -210,7 +179,7 @@ class Dispatcher:
     async def _dispatch_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                if not (await self.free()).get("CPU", 0.0) > 1e-9 and self.running:
+                if not (await self.free()).get("CPU", 0.0) > 1e-9 and self.running and not await self._may_preempt():
                     await self._wait_for_capacity()  # nothing could start: take no message
                     continue
                 await self.fair.refresh((await asyncio.to_thread(self._cluster)).totals)
@@ -287,7 +256,8 @@ class Dispatcher:
             await self._set_reason(job_id, f"no node can hold {needs.describe()} (largest node: {biggest.get('CPU', 0):g} CPU, {biggest.get('GPU', 0):g} GPU)")
             await self.queue.ack(job_id, self.name)
             return
-        if not needs.fits(await self.free()) or not await asyncio.to_thread(needs.reserve):
+        if not needs.fits(free := await self.free()) or not await asyncio.to_thread(needs.reserve):
+            await self._preempt_for(job_id, job["priority"], needs, free)
             await self._set_reason(job_id, f"waiting for {needs.describe()} to be free")
             await self.queue.release(job_id, self.name, job["priority"])
             await self._wait_for_capacity()
@@ -306,8 +276,9 @@ class Dispatcher:
         # A group's ranks hold its resources (Ray Train's placement group); its driver none.
         solo = needs.workers == 1
         options = {"num_cpus": needs.cpus if solo else 0, "num_gpus": needs.gpus if solo else 0, "name": f"{job_id}-a{attempt}"}
-        ref = self._remote.options(**options).remote(spec)
-        self.running[job_id] = Running(job_id, attempt, ref, needs)
+        remote = self._remote_gpu if needs.gpus > 0 else self._remote
+        ref = remote.options(**options).remote(spec)
+        self.running[job_id] = Running(job_id, attempt, ref, needs, priority=job["priority"], project_id=job["project_id"], preemptible=job["preemptible"])
         await self.queue.ack(job_id, self.name)
         self.metrics.attempts_started.inc()
         if job["first_attempt"]:
@@ -347,7 +318,7 @@ class Dispatcher:
         CLUSTER_VIEW_TTL_S (they change when nodes come and go, not per job)."""
         view = self._cluster_view
         if time.monotonic() - view.at > CLUSTER_VIEW_TTL_S:
-            view = self._cluster_view = ClusterView(_node_totals(), ray.cluster_resources(), time.monotonic())
+            view = self._cluster_view = ClusterView(node_totals(), ray.cluster_resources(), time.monotonic())
         return view
 
     async def _set_reason(self, job_id: str, reason: str | None) -> None:
@@ -359,6 +330,10 @@ class Dispatcher:
         try:
             outcome = await run.ref
             log.info("job %s attempt %d ended: %s", run.job_id, run.attempt, outcome, extra=_ctx(run.job_id, run.attempt, self.name))
+            await self._advance_sweep(run.job_id)
+            if run.preempted_by is not None:  # handed back (workers.preemption): queue it at once
+                await self.redis.delete(self.keys.preempt_request(run.job_id))
+                await self.queue.enqueue(run.job_id, run.priority, run.project_id)
         except asyncio.CancelledError:
             raise
         except ray.exceptions.TaskCancelledError:
@@ -372,6 +347,34 @@ class Dispatcher:
             self._released.append((time.monotonic(), run.needs.cpus * run.needs.workers, run.needs.gpus * run.needs.workers))
             self.fair.stale()
             self._capacity.set()
+
+    async def _may_preempt(self) -> bool:
+        """The cluster is full: does the queue hold a job that could preempt one of ours?"""
+        lowest = preemption.lowest_preemptible(self.running.values(), time.monotonic(), self.settings.min_run_s)
+        return lowest is not None and any(p > lowest and n for p, n in (await self.queue.depth()).items())
+
+    async def _preempt_for(self, waiting: str, priority: int, needs: Needs, free: dict[str, float]) -> None:
+        """Ask running attempts of lower priority to make room for `waiting` (workers.preemption)."""
+        candidates = preemption.candidates(self.running.values(), self.preempted_for, time.monotonic())
+        for victim in preemption.choose(waiting, priority, needs, free, candidates, self.settings.min_run_s):
+            key, value = preemption.request(self.keys, victim.job_id, victim.attempt, waiting, priority)
+            await self.redis.set(key, value, ex=preemption.REQUEST_TTL_S)
+            self.running[victim.job_id].preempted_by = self.preempted_for[victim.job_id] = waiting
+            self.metrics.preemptions.inc()
+            log.info("job %s attempt %d preempted by job %s (priority %d > %d)", victim.job_id, victim.attempt, waiting, priority, victim.priority, extra=_ctx(victim.job_id, victim.attempt, self.name))
+
+    async def _advance_sweep(self, job_id: str) -> None:
+        """A sweep trial's attempt ended: resume the paused trials its early stopping
+        promotes now (service.store.db.early_stop); the queue gets them at once."""
+        try:
+            resumed = await self.db(early_stop.advance, job_id)
+            if resumed:
+                await self.queue.enqueue_many(resumed)
+        except Exception as exc:  # noqa: BLE001 - the next trial's end decides again
+            log.warning("early stopping of job %s's sweep not advanced: %s", job_id, exc)
+            return
+        for promoted, _, _ in resumed:
+            log.info("job %s promoted after job %s reached a rung", promoted, job_id, extra=_ctx(promoted, 0, self.name))
 
     async def _requeue(self, job_id: str, attempt: int, reason: str, *, require_expired: bool) -> JobState | None:
         delay = backoff_seconds(self.settings, attempt)
@@ -462,11 +465,8 @@ def _brief(session: Session, job_id: str) -> dict[str, Any]:
         "needs": Needs.of(parse_config(job.config).resources) if claimable else None,
         "first_attempt": job.attempt == 0,
         "created_at": job.created_at,
+        "preemptible": job.config.get("preemptible", True),  # absent in configs stored before it existed
     }
-
-
-def _node_totals() -> list[dict[str, float]]:
-    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
 def _ctx(job_id: str, attempt: int, worker: str) -> dict[str, Any]:

@@ -46,6 +46,11 @@ class DispatcherMetrics:
         self.lease_renewals = Counter(
             "unroll_lease_renewals", "Leases of running attempts renewed by the dispatcher", registry=self.registry
         )
+        self.preemptions = Counter(
+            "unroll_preemptions",
+            "Running attempts asked to stop and hand their slot to a waiting job of higher priority",
+            registry=self.registry,
+        )
         self.heartbeats = Counter(
             "unroll_dispatcher_heartbeats", "Heartbeats the dispatcher wrote to Redis", registry=self.registry
         )

@@ -28,6 +28,7 @@ from functools import cached_property
 from typing import Any, Callable
 
 import redis
+import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.store import events
@@ -106,6 +107,15 @@ class LiveMetrics:
         self._sent_at = self.clock()
 
 
+def gpu_identity(device: str) -> str:
+    """Which GPU a CUDA device is, for the attempt's log: its name and UUID, as `nvidia-smi -L`
+    shows them (an index alone depends on the process's CUDA_VISIBLE_DEVICES); "" on CPU."""
+    if not device.startswith("cuda"):
+        return ""
+    props = torch.cuda.get_device_properties(device)
+    return f" ({props.name}, GPU-{props.uuid})"
+
+
 class AttemptStale(Exception):
     """Another attempt owns the job now; this one must stop and write nothing."""
 
@@ -125,6 +135,7 @@ class JobReporter(Callback):
         self._live = LiveMetrics()
         self.cancel_requested = False
         self.stale = False
+        self.model: dict[str, Any] | None = None  # the stored model artifact, once the run completed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"reporter-{attempt.job_id}", daemon=True)
         self._thread.start()
@@ -136,7 +147,7 @@ class JobReporter(Callback):
         self.keep_checkpoints = info["config"]["train"]["keep_checkpoints"]
         self._step = info["start_step"]
         resumed = f", resuming at step {info['start_step']}" if info["start_step"] else ""
-        where = f"{info['device']}, pid {os.getpid()}"  # the process that runs it, for operators
+        where = f"{info['device']}{gpu_identity(info['device'])}, pid {os.getpid()}"  # for operators
         self.log(f"attempt {self.attempt.number} on {self.attempt.worker}: {info['parameters']:,} parameters on {where}{resumed}")
 
     def on_update(self, step: int, metrics: dict[str, float | None]) -> None:
@@ -161,6 +172,16 @@ class JobReporter(Callback):
     def on_checkpoint(self, step: int, checkpoint: dict[str, Any]) -> None:
         with self._lock:
             self._checkpoints.append((step, checkpoint))
+
+    def on_model(self, artifact: dict[str, Any]) -> None:
+        """Store a completed run's model at once (its record goes into the job's summary
+        with the outcome: workers.attempt)."""
+        a = self.attempt
+        stored = a.store.put_bytes(a.store.model_uri(a.job_id, a.number), ckpt.to_bytes(artifact))
+        self.model = {
+            "uri": stored.uri, "bytes": stored.bytes, "sha256": stored.sha256, "step": artifact["step"],
+            "selected": artifact["selected"], "valid_loss": artifact["valid_loss"],
+        }
 
     def should_stop(self) -> bool:
         return self.cancel_requested or self.stale

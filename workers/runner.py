@@ -4,11 +4,21 @@ task only drives it. What both share is in workers/attempt.py."""
 
 from __future__ import annotations
 
+from service.store.keys import Keys
 from trainer import evaluation
 from workers import tracking
-from workers.attempt import AttemptEnded, AttemptSpec, gpus_as_reserved, open_attempt, service_checks, train_attempt
+from workers.attempt import (
+    AttemptEnded,
+    AttemptSpec,
+    gpus_as_reserved,
+    open_attempt,
+    service_checks,
+    train_attempt,
+)
 from workers.ddp import run_group_attempt
+from workers.preemption import PreemptStop
 from workers.reporter import JobReporter
+from workers.rungs import rung_stops
 
 
 def warm_up() -> None:
@@ -39,7 +49,11 @@ def run_attempt(spec: AttemptSpec) -> str:
         resume = job.load_checkpoint()
         reporter = JobReporter(job.attempt)
         # fit, plus MLflow / TensorBoard when this node's environment asks for them
-        callbacks = [*service_checks(spec), reporter]
+        preempt = PreemptStop(job.attempt.redis, Keys(spec.prefix), spec.job_id, spec.attempt)
+        callbacks = [*service_checks(spec), *rung_stops(job.attempt, spec.job_id, reporter.log), preempt, reporter]
         return train_attempt(
-            reporter, lambda: tracking.fit(spec.job_id, spec.attempt, config, callbacks, resume=resume, resolve=job.resolve)
+            reporter,
+            lambda: preempt.hand_back(
+                reporter, tracking.fit(spec.job_id, spec.attempt, config, callbacks, resume=resume, resolve=job.resolve)
+            ),
         )

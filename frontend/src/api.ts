@@ -144,14 +144,19 @@ export class SseParser {
   }
 }
 
-/** Read one event stream until it ends or `signal` aborts, after `lastEventId` if given.
+/** Read one event stream until it ends or `signal` aborts, after `lastEventId` if given;
+ *  with `body`, the stream is the answer to a POST of it as JSON (generate).
  *  Throws ApiError on an error answer. */
 export async function readEvents(
-  path: string, onEvent: (e: StreamEvent) => void, signal: AbortSignal, lastEventId?: string,
+  path: string, onEvent: (e: StreamEvent) => void, signal: AbortSignal, lastEventId?: string, body?: unknown,
 ): Promise<void> {
   const extra: Record<string, string> = { Accept: "text/event-stream" };
   if (lastEventId !== undefined) extra["Last-Event-ID"] = lastEventId;
-  const response = await fetch(path, { headers: headers(extra), signal, cache: "no-store" });
+  if (body !== undefined) extra["Content-Type"] = "application/json";
+  const response = await fetch(path, {
+    method: body === undefined ? "GET" : "POST", body: body === undefined ? undefined : JSON.stringify(body),
+    headers: headers(extra), signal, cache: "no-store",
+  });
   if (!response.ok) throw await failure(response);
   if (!response.body) return;
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();

@@ -26,6 +26,8 @@ export interface ChartOptions {
   xLabel?: string;
   yLabel?: string;
   xLog?: boolean;
+  /** A log-10 value axis (only positive values are drawn). */
+  yLog?: boolean;
   /** Category labels: x values are indices into this list. */
   xCategories?: string[];
   height?: number;
@@ -46,6 +48,7 @@ export interface ChartSnapshot {
   errors: Record<string, Array<[number, number]>>;
   threshold: number | null;
   xLog: boolean;
+  yLog: boolean;
 }
 
 const mounted = new Map<string, Chart>();
@@ -93,6 +96,14 @@ export class Chart {
     this.render();
   }
 
+  setYLog(yLog: boolean): void {
+    if (Boolean(this.options.yLog) === yLog) return;
+    this.options = { ...this.options, yLog };
+    this.plot?.destroy();
+    this.plot = null;
+    this.render();
+  }
+
   setThreshold(threshold: ChartOptions["threshold"]): void {
     this.options = { ...this.options, threshold };
     this.schedule();
@@ -124,6 +135,7 @@ export class Chart {
       errors: Object.fromEntries(Object.entries(this.errors).map(([n, m]) => [n, [...m.entries()]])),
       threshold: this.options.threshold?.value ?? null,
       xLog: Boolean(this.options.xLog),
+      yLog: Boolean(this.options.yLog),
     };
   }
 
@@ -178,11 +190,12 @@ export class Chart {
   private yExtent(): [number, number] | null {
     let lo = Infinity;
     let hi = -Infinity;
+    const log = Boolean(this.options.yLog);
     for (const s of this.options.series) {
       const errs = this.errors[s.name];
       for (const [x, y] of this.get(s.name)) {
-        if (y === null) continue;
-        const e = errs?.get(x) ?? 0;
+        if (y === null || (log && y <= 0)) continue;
+        const e = log ? 0 : errs?.get(x) ?? 0;
         lo = Math.min(lo, y - e);
         hi = Math.max(hi, y + e);
       }
@@ -193,6 +206,7 @@ export class Chart {
       hi = Math.max(hi, t);
     }
     if (!Number.isFinite(lo)) return null;
+    if (log) return [lo / 1.5, hi * 1.5];
     const pad = (hi - lo) * 0.06 || Math.abs(hi) * 0.1 || 1;
     return [lo - pad, hi + pad];
   }
@@ -251,7 +265,9 @@ export class Chart {
       legend: { live: true },
       scales: {
         x,
-        y: { range: (_u, min, max) => this.yExtent() ?? [min, max] },
+        y: o.yLog
+          ? { distr: 3, log: 10, range: (_u, min, max) => this.yExtent() ?? [min, max] }
+          : { range: (_u, min, max) => this.yExtent() ?? [min, max] },
       },
       axes: [
         {
@@ -264,7 +280,8 @@ export class Chart {
               ? { splits: () => o.xTicks!, values: (_u: uPlot, ticks: number[]) => ticks.map(formatTick) }
               : { values: (_u: uPlot, ticks: number[]) => ticks.map(formatTick) }),
         },
-        { label: o.yLabel, stroke: "#444", grid: { stroke: "#e4e4e4" }, size: 60, values: (_u, ticks) => ticks.map(formatTick) },
+        // A log axis leaves some ticks unlabelled (null).
+        { label: o.yLabel, stroke: "#444", grid: { stroke: "#e4e4e4" }, size: 60, values: (_u, ticks) => ticks.map((t) => (t == null ? "" : formatTick(t))) },
       ],
       hooks: { draw: [(u) => this.decorate(u)] },
     };

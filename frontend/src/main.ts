@@ -1,10 +1,13 @@
 // The dashboard's entry point: a small History-API router over real URLs (/, /jobs/{id},
-// /sweeps/{id}), so links, the back button, reloads and deep links behave like any site.
+// /sweeps/{id}, /compare?jobs=a,b, /datasets), so links, the back button, reloads and deep
+// links behave like any site.
 
 import "uplot/dist/uPlot.min.css";
 import "./style.css";
 import { clearToken, getToken, UNAUTHORIZED } from "./api";
 import { h, replace } from "./dom";
+import { comparePage } from "./pages/compare";
+import { datasetsPage } from "./pages/datasets";
 import { jobPage } from "./pages/job";
 import { jobsPage } from "./pages/jobs";
 import { loginPage } from "./pages/login";
@@ -15,6 +18,8 @@ const routes: Array<[RegExp, Page, string[]]> = [
   [/^\/$/, jobsPage, []],
   [/^\/jobs\/([^/]+)\/?$/, jobPage, ["id"]],
   [/^\/sweeps\/([^/]+)\/?$/, sweepPage, ["id"]],
+  [/^\/compare\/?$/, comparePage, []],
+  [/^\/datasets\/?$/, datasetsPage, []],
 ];
 
 const main = document.getElementById("main") as HTMLElement;

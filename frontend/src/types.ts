@@ -102,3 +102,41 @@ export interface Sweep {
   jobs: Array<Partial<Job> & { id?: string; job_id?: string }> | string[];
   summary?: SweepSummary | null;
 }
+
+/** GET /v1/compare (service/api/routes/compare.py). */
+export interface ComparedJob {
+  id: string;
+  name: string | null;
+  state: State;
+  sweep_id: string | null;
+  step: number;
+  max_steps: number | null;
+  progress: number;
+  created_at: string;
+  finished_at: string | null;
+  final: Record<string, { step: number; value: number | null }>;
+  summary: Record<string, any> | null;
+}
+
+export interface AlignedSeries {
+  steps: number[];
+  /** job id -> one value per step (null: no point there, or a non-finite one listed in `nonfinite`) */
+  values: Record<string, Array<number | null>>;
+  nonfinite: Record<string, number[]>;
+}
+
+export interface Comparison {
+  jobs: ComparedJob[];
+  metrics: string[];
+  available_metrics: string[];
+  config_diff: Array<{ key: string; values: Record<string, unknown> }>;
+  series: Record<string, AlignedSeries>;
+}
+
+export interface Dataset {
+  id: string;
+  name: string;
+  sha256: string;
+  bytes: number;
+  created_at: string;
+}

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import dashboard, errors
 from service.api.admission import ProjectAdmission
-from service.api.routes import admin, datasets, health, inference, jobs, sweeps
+from service.api.routes import admin, compare, datasets, health, inference, jobs, sweeps
 from service.api.metrics import LatencyMiddleware, Metrics
 from service.api.runtime import open_runtime
 from service.store.settings import Settings, get_settings
@@ -136,7 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     errors.install(app)
-    for module in (jobs, inference, sweeps, datasets, admin, health):
+    for module in (jobs, compare, inference, sweeps, datasets, admin, health):
         app.include_router(module.router)
     app.include_router(dashboard.router)  # after the API: GET / and the dashboard's deep links
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.store import limits, quotas
+from service.store import asha, limits, quotas
 from service.store.db.base import unstorable
 from service.store.db.models import ApiToken, Attempt, Checkpoint, Dataset, Job, JobLog, JobState, Project
 
@@ -106,7 +106,7 @@ class JobPublic(BaseModel):
             finished_at=job.finished_at,
             updated_at=job.updated_at,
             config=job.config,
-            summary=job.summary,
+            summary=public_summary(job.id, job.summary),
             metrics=None
             if metrics is None
             else {name: MetricPoint(step=step, value=value) for name, (step, value) in metrics.items()},
@@ -143,6 +143,15 @@ class LogPage(BaseModel):
     next_after: int
 
 
+def public_summary(job_id: str, summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The stored summary as shown: the model artifact's record gets its download URL in
+    place of its storage location."""
+    if not summary or "model" not in summary:
+        return summary
+    model = {k: v for k, v in summary["model"].items() if k != "uri"}
+    return {**summary, "model": {**model, "url": f"/v1/jobs/{job_id}/model"}}
+
+
 class CheckpointPublic(BaseModel):
     step: int
     attempt: int
@@ -177,6 +186,27 @@ def _base_is_a_job_config(schema: dict[str, Any]) -> None:
     schema["properties"]["base"] = {"$ref": "#/components/schemas/JobConfig", "description": "A job configuration (SPEC §2)"}
 
 
+class EarlyStop(BaseModel):
+    """Asynchronous successive halving for a sweep (service.store.asha; Li et al., MLSys 2020)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The evaluated metric trials are ranked by (default: the task's, SPEC §3), and whether
+    # higher ("max") or lower ("min") is better (default: the task's; needed with another metric).
+    metric: str | None = Field(None, min_length=1, max_length=64, pattern=r"^valid/[a-z0-9_]+$")
+    goal: Literal["max", "min"] | None = None
+    # The first rung, in update steps; rung k is min_steps * reduction_factor^k.
+    min_steps: int = Field(ge=1, le=10_000_000)
+    reduction_factor: int = Field(3, ge=asha.MIN_REDUCTION_FACTOR, le=asha.MAX_REDUCTION_FACTOR)
+    # The last rung: a trial that reaches it has its whole budget (default: base train.max_steps).
+    max_steps: int | None = Field(None, ge=1, le=10_000_000)
+    # asha: one bracket; hyperband: brackets of ASHA, bracket s starting at rung s.
+    mode: Literal["asha", "hyperband"] = "asha"
+    # true: a trial not promoted is paused with a checkpoint at its rung and may resume
+    # later; false: it is stopped for good. Either way it ends succeeded, summary.stopped "early".
+    resume: bool = True
+
+
 class SweepCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra=_base_is_a_job_config)
 
@@ -189,6 +219,8 @@ class SweepCreate(BaseModel):
     seeds: int = Field(1, ge=1, le=1000)
     # At most this many of the sweep's jobs run at once (null: no limit).
     max_parallel: int | None = Field(None, ge=1, le=1_000_000)
+    # Stop unpromising trials early (null: every trial runs its whole budget).
+    early_stop: EarlyStop | None = None
 
     def unstorable(self) -> tuple[str, str] | None:
         """(field, problem) where `base` or `grid` holds what the database cannot (NaN,
@@ -246,6 +278,11 @@ class SweepPointSummary(BaseModel):
     clipped_fraction: float | None
     skipped_steps: float | None
     job_ids: list[str]
+    # With early_stop: the highest rung (its step) any of the point's jobs reached, the
+    # steps its jobs trained in all, and the steps saved against training each to max_steps.
+    rung: int | None = None
+    steps_used: int | None = None
+    steps_saved: int | None = None
 
 
 class SweepSummary(BaseModel):
@@ -274,6 +311,8 @@ class SweepPublic(BaseModel):
     grid: dict[str, list[Any]]
     seeds: int
     max_parallel: int | None
+    # As submitted, with its defaults filled in (null: no early stopping).
+    early_stop: dict[str, Any] | None = None
     # Jobs per state.
     counts: dict[str, int]
     # One row per job: grid point x seed.

@@ -22,12 +22,13 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import httpx
 
+from service.cli.errors import ApiError  # noqa: F401  (the client's errors: `from service.cli.client import ApiError`)
 from service.store.lifecycle import TERMINAL_STATE_NAMES
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -35,15 +36,6 @@ CONFIG_ENV = "UNROLL_CLIENT_CONFIG"
 DEFAULT_CONFIG_PATH = Path(".unroll") / "client.json"
 # Where `load` and `unroll generate JOB ...` keep downloaded checkpoints: <job>/<step>.pt.
 DEFAULT_MODELS_PATH = Path(".unroll") / "models"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
 
 
 # --- where the client's URL and token come from ---------------------------------------------
@@ -180,9 +172,16 @@ class Client:
 
     def download_checkpoint(self, job_id: str, step: int, out: BinaryIO) -> int:
         """Stream one checkpoint into `out`; returns the bytes written."""
+        return self._download(f"/v1/jobs/{job_id}/checkpoints/{step}", out)
+
+    def download_model(self, job_id: str, out: BinaryIO) -> int:
+        """Stream a completed job's model artifact into `out`; returns the bytes written."""
+        return self._download(f"/v1/jobs/{job_id}/model", out)
+
+    def _download(self, path: str, out: BinaryIO) -> int:
         written = 0
         try:
-            with self._http.stream("GET", f"/v1/jobs/{job_id}/checkpoints/{step}") as response:
+            with self._http.stream("GET", path) as response:
                 if not response.is_success:
                     response.read()
                     _raise_for(response)
@@ -194,28 +193,23 @@ class Client:
         return written
 
     def fetch_model(self, job_id: str, folder: str | os.PathLike[str] | None = None) -> Path:
-        """The job's latest checkpoint as a local file, downloaded once into
-        folder/<job>/<step>.pt (default .unroll/models) and checked against its sha256."""
+        """The job's model as a local file, downloaded once into folder/<job>/ (default
+        .unroll/models) and checked against its sha256: the model artifact of a completed
+        job (`train.model`: last or best), else its latest checkpoint."""
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", job_id):
             raise ApiError(404, "not_found", f"job {job_id!r} not found")
+        base = Path(folder if folder is not None else DEFAULT_MODELS_PATH) / job_id
+        model = (self.get(job_id).get("summary") or {}).get("model")
+        if model is not None:
+            return _fetch_once(base / f"model-{model['sha256'][:16]}.pt", model["sha256"], lambda out: self.download_model(job_id, out), f"the model of job {job_id!r}")
         checkpoints = self.checkpoints(job_id)
         if not checkpoints:
             raise ApiError(409, "no_checkpoint", f"job {job_id!r} has no checkpoint yet")
         latest = max(checkpoints, key=lambda c: c["step"])
-        target = Path(folder if folder is not None else DEFAULT_MODELS_PATH) / job_id / f"{latest['step']}.pt"
-        if target.is_file() and _sha256(target) == latest["sha256"]:
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        try:
-            with tmp.open("wb") as out:
-                self.download_checkpoint(job_id, latest["step"], out)
-            if _sha256(tmp) != latest["sha256"]:
-                raise ApiError(0, "corrupt", f"the checkpoint of job {job_id!r} step {latest['step']} arrived damaged (sha256 differs)")
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return target
+        return _fetch_once(
+            base / f"{latest['step']}.pt", latest["sha256"], lambda out: self.download_checkpoint(job_id, latest["step"], out),
+            f"the checkpoint of job {job_id!r} step {latest['step']}",
+        )
 
     def load(self, job_id: str, *, device: str = "cpu", folder: str | os.PathLike[str] | None = None) -> Any:
         """The job's model (its latest checkpoint), as `trainer.load` returns it: a
@@ -263,6 +257,17 @@ class Client:
                     raise
                 failures += 1
                 time.sleep(min(10.0, 0.5 * 2**failures))
+
+    def compare(
+        self, job_ids: list[str], *, metrics: list[str] | None = None, max_points: int | None = None
+    ) -> dict[str, Any]:
+        """GET /v1/compare: the jobs' config differences and their series aligned by step."""
+        params: dict[str, Any] = {"jobs": ",".join(job_ids)}
+        if metrics:
+            params["metrics"] = ",".join(metrics)
+        if max_points is not None:
+            params["max_points"] = max_points
+        return self._json("GET", "/v1/compare", params=params)
 
     # --- sweeps -------------------------------------------------------------------------------
 
@@ -326,6 +331,24 @@ def _sha256(path: Path) -> str:
 def _chunks(fh: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
     while chunk := fh.read(size):
         yield chunk
+
+
+def _fetch_once(target: Path, sha256: str, download: Callable[[BinaryIO], int], what: str) -> Path:
+    """`target`, downloaded unless a file with that sha256 is there already; a download
+    that arrives with another sha256 is discarded."""
+    if target.is_file() and _sha256(target) == sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as out:
+            download(out)
+        if _sha256(tmp) != sha256:
+            raise ApiError(0, "corrupt", f"{what} arrived damaged (sha256 differs)")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:

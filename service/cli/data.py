@@ -13,7 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from service.cli.common import UsageError, add_client_args, fail, open_client, table
+from service.cli.common import (
+    UsageError,
+    add_client_args,
+    open_client,
+    table,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -46,27 +51,18 @@ def add_parser(subparsers) -> None:
 
 
 def delete_job(args: argparse.Namespace) -> int:
-    from service.cli.client import ApiError
-
-    try:
-        with open_client(args) as api:
-            api.delete(args.id)
-    except ApiError as exc:
-        return fail(exc)
+    with open_client(args) as api:
+        api.delete(args.id)
     print(f"{args.id} deleted")
     return 0
 
 
 def upload_dataset(args: argparse.Namespace) -> int:
-    from service.cli.client import ApiError
-
     if not args.file.is_file():
         raise UsageError(f"{args.file}: no such file")
     try:
         with open_client(args) as api:
             dataset = api.upload_dataset(args.file, name=args.name)
-    except ApiError as exc:
-        return fail(exc)
     except OSError as exc:  # the file went away or cannot be read while streaming
         raise UsageError(f"{args.file}: {exc.strerror or exc}") from None
     print(f"uploaded {dataset['name']}: {dataset['bytes']:,} bytes, sha256 {dataset['sha256']}", file=sys.stderr)
@@ -75,26 +71,16 @@ def upload_dataset(args: argparse.Namespace) -> int:
 
 
 def list_datasets(args: argparse.Namespace) -> int:
-    from service.cli.client import ApiError
-
-    try:
-        with open_client(args) as api:
-            datasets = api.datasets(limit=args.limit)
-    except ApiError as exc:
-        return fail(exc)
+    with open_client(args) as api:
+        datasets = api.datasets(limit=args.limit)
     rows = [[d["id"], d["name"], f"{d['bytes']:,}", _when(d["created_at"]), d["sha256"][:12]] for d in datasets]
     print(table(rows, ["ID", "NAME", "BYTES", "CREATED", "SHA256"]) if rows else "no datasets")
     return 0
 
 
 def show_dataset(args: argparse.Namespace) -> int:
-    from service.cli.client import ApiError
-
-    try:
-        with open_client(args) as api:
-            dataset = api.dataset(args.id)
-    except ApiError as exc:
-        return fail(exc)
+    with open_client(args) as api:
+        dataset = api.dataset(args.id)
     fields = [("id", dataset["id"]), ("name", dataset["name"]), ("bytes", f"{dataset['bytes']:,}"),
               ("sha256", dataset["sha256"]), ("created", _when(dataset["created_at"]))]
     for key, value in fields:
@@ -103,13 +89,8 @@ def show_dataset(args: argparse.Namespace) -> int:
 
 
 def delete_dataset(args: argparse.Namespace) -> int:
-    from service.cli.client import ApiError
-
-    try:
-        with open_client(args) as api:
-            api.delete_dataset(args.id)
-    except ApiError as exc:
-        return fail(exc)
+    with open_client(args) as api:
+        api.delete_dataset(args.id)
     print(f"{args.id} deleted")
     return 0
 

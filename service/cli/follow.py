@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from service.cli.common import TERMINAL
+from service.cli.errors import ApiError
 
 POLL_S = 1.0
 
@@ -67,8 +68,6 @@ class ProgressBar:
 
 def follow_job(api: Any, job: dict[str, Any], interval: float = POLL_S) -> dict[str, Any]:
     """Show the job until it ends; returns it as it ended."""
-    from service.cli.client import ApiError
-
     bar = ProgressBar(job)
     try:
         try:

@@ -7,12 +7,13 @@ service dependencies at start-up and `unroll --help` stays fast.
     db upgrade                 migrations
     api                        the HTTP API (uvicorn)
     token, project             tokens and quotas, straight in the database (service.cli.admin)
-    submit / status / logs / cancel
+    submit / status / logs / cancel / retry
                                the HTTP client (service.cli.client), reading the URL and token
                                from --url/--token, UNROLL_URL/UNROLL_TOKEN, or the file
                                `unroll up` writes
     worker                     the dispatcher (workers.dispatcher)
     sweep, up                  service.cli.sweep, service.cli.up
+    compare                    service.cli.compare
     delete, dataset            service.cli.data
 """
 
@@ -22,8 +23,17 @@ import argparse
 import sys
 import time
 
-from service.cli import admin, data, sweep, up
-from service.cli.common import TERMINAL, UsageError, add_client_args, fail, open_client, read_config, table
+from service.cli import admin, compare, data, sweep, up
+from service.cli.common import (
+    TERMINAL,
+    UsageError,
+    add_client_args,
+    fail,
+    open_client,
+    read_config,
+    table,
+)
+from service.cli.errors import ApiError
 from trainer import use_cli
 
 
@@ -120,10 +130,19 @@ def _client_commands(subparsers) -> None:
     add_client_args(p)
     p.set_defaults(func=_cancel)
 
+    p = subparsers.add_parser(
+        "retry", help="requeue a failed or cancelled job: it resumes from its last checkpoint, same id",
+        description="Without --new: POST /v1/jobs/ID/retry (SPEC §5), the same job queued again with a fresh "
+        "budget of attempts, resuming from its last checkpoint. With --new: a new job of the project with the "
+        f"same config, tagged {RETRY_TAG}ID, from step 0 (for a job in any state, a succeeded one too).",
+    )
+    p.add_argument("id")
+    p.add_argument("--new", action="store_true", help=f"submit its config again as a new job (tagged {RETRY_TAG}ID)")
+    add_client_args(p)
+    p.set_defaults(func=_retry)
+
 
 def _submit(args: argparse.Namespace) -> int:
-    from service.cli.client import ApiError
-
     config = read_config(args.config)
     try:
         with open_client(args) as api:
@@ -132,8 +151,6 @@ def _submit(args: argparse.Namespace) -> int:
             if not args.wait:
                 return 0
             job = _follow(api, job)
-    except ApiError as exc:
-        return fail(exc)
     except KeyboardInterrupt:
         print("\nstopped following; the job goes on", file=sys.stderr)
         return 130
@@ -156,22 +173,22 @@ def _when(stamp: str | None) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from service.cli.client import ApiError
-
-    try:
-        with open_client(args) as api:
-            if args.id:
-                job = api.get(args.id)
-                _print_job(job)
-                return 0
-            page = api.list(state=args.state, limit=args.limit)
-    except ApiError as exc:
-        return fail(exc)
+    with open_client(args) as api:
+        if args.id:
+            job = api.get(args.id)
+            _print_job(job)
+            return 0
+        page = api.list(state=args.state, limit=args.limit)
     rows = [
         [j["id"], j["state"], f"{100 * j['progress']:.0f}%", str(j["step"]), str(j["attempt"]), _when(j["created_at"]), j["name"] or ""]
         for j in page["jobs"]
     ]
-    print(table(rows, ["ID", "STATE", "PROGRESS", "STEP", "ATTEMPT", "CREATED", "NAME"]) if rows else "no jobs")
+    header = ["ID", "STATE", "PROGRESS", "STEP", "ATTEMPT", "CREATED", "NAME"]
+    waiting = [(j.get("pending_reason") or "") if j["state"] == "queued" else "" for j in page["jobs"]]
+    if any(waiting):  # why a queued job is not placed yet (quota, resources, a sweep's max_parallel)
+        rows = [[*row, reason] for row, reason in zip(rows, waiting)]
+        header.append("WAITING")
+    print(table(rows, header) if rows else "no jobs")
     return 0
 
 
@@ -200,41 +217,87 @@ def _print_job(job: dict) -> None:
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from service.cli.client import ApiError
-
-    after = 0
     try:
         with open_client(args) as api:
-            while True:
-                page = api.logs(args.id, after=after)
-                for line in page["lines"]:
-                    print(line["line"], flush=True)
-                after = page["next_after"]
-                if page["lines"]:
-                    continue  # there may be more right away
-                if not args.follow or api.get(args.id)["state"] in TERMINAL:
-                    # one last read: lines written just before the job ended
-                    for line in api.logs(args.id, after=after)["lines"] if args.follow else []:
-                        print(line["line"], flush=True)
-                    return 0
-                time.sleep(1.0)
-    except ApiError as exc:
-        return fail(exc)
+            after = _print_logs(api, args.id, 0)
+            if args.follow:
+                after = _follow_logs(api, args.id, after)
+                _print_logs(api, args.id, after)  # lines written just before the job ended
     except KeyboardInterrupt:
         return 130
+    return 0
+
+
+_LOG_PAGE = 1000
+
+
+def _print_logs(api, job_id: str, after: int) -> int:
+    """Print the job's lines after line id `after`; returns the id of the last one."""
+    while True:
+        page = api.logs(job_id, after=after, limit=_LOG_PAGE)
+        for line in page["lines"]:
+            print(line["line"], flush=True)
+        after = page["next_after"]
+        if len(page["lines"]) < _LOG_PAGE:
+            return after
+
+
+def _follow_logs(api, job_id: str, after: int) -> int:
+    """Print new lines until the job ends. The job's event stream (reconnecting with
+    Last-Event-ID, Client.follow) says when: each `log` or `state` event makes it read the
+    lines after the last one printed, so a line is printed once and none is skipped, however
+    events and reads interleave. Polls once a second when the stream cannot be had."""
+    try:
+        for event in api.follow(job_id):
+            if event.get("type") in ("log", "state"):
+                after = _print_logs(api, job_id, after)
+        return after
+    except ApiError as exc:
+        if exc.status in (401, 403, 404):
+            raise
+        print(f"live events unavailable ({exc.message}); polling instead", file=sys.stderr)
+    while api.get(job_id)["state"] not in TERMINAL:
+        after = _print_logs(api, job_id, after)
+        time.sleep(1.0)
+    return after
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    from service.cli.client import ApiError
-
-    try:
-        with open_client(args) as api:
-            job = api.cancel(args.id)
-    except ApiError as exc:
-        return fail(exc)
+    with open_client(args) as api:
+        job = api.cancel(args.id)
     note = " (cancel requested; it stops within about a second)" if job["state"] == "running" else ""
     print(f"{job['id']} {job['state']}{note}")
     return 0
+
+
+# A new job made by `unroll retry --new` carries this tag with its origin's id.
+RETRY_TAG = "retry-of:"
+
+
+def _retry(args: argparse.Namespace) -> int:
+    try:
+        with open_client(args) as api:
+            if not args.new:
+                job = api.retry(args.id)
+                print(f"{job['id']} {job['state']}: it resumes from its last checkpoint")
+                return 0
+            config = _retry_config(api.get(args.id), args.id)
+            job = api.submit(config)
+    except ApiError as exc:
+        if exc.status == 409 and not args.new:
+            print(f"hint: `unroll retry {args.id} --new` runs its config again as a new job", file=sys.stderr)
+        return fail(exc)
+    print(f"new job {job['id']} ({job['state']}), a retry of {args.id}", file=sys.stderr)
+    print(job["id"])
+    return 0
+
+
+def _retry_config(origin: dict, origin_id: str) -> dict:
+    """The origin's config, tagged as its retry (an earlier retry-of tag replaced)."""
+    config = dict(origin["config"])
+    tags = [t for t in config.get("tags") or [] if not t.startswith(RETRY_TAG)]
+    config["tags"] = [*tags, f"{RETRY_TAG}{origin_id}"]
+    return config
 
 
 # --- the parser -------------------------------------------------------------------------------
@@ -283,6 +346,7 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     _client_commands(subparsers)
     _worker(subparsers)
     sweep.add_parser(subparsers)
+    compare.add_parser(subparsers)
     data.add_parser(subparsers)
     use_cli.add_parser(subparsers, resolve=_job_checkpoint)  # generate, predict, evaluate, export
     up.add_parser(subparsers)
@@ -297,4 +361,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ApiError as exc:  # every command's: the message, and the field it names
+        return fail(exc)
 

@@ -21,7 +21,13 @@ import sys
 import time
 from typing import Any
 
-from service.cli.common import TERMINAL, UsageError, add_client_args, fail, open_client, read_config
+from service.cli.common import (
+    TERMINAL,
+    UsageError,
+    add_client_args,
+    open_client,
+    read_config,
+)
 from service.store import sweeps
 
 
@@ -84,8 +90,6 @@ def _value(path: str, text: str, yaml) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.cli.client import ApiError
-
     base = read_config(args.config)
     grid = parse_grid(args.grid)
     if sweeps.k2_follows_k1(base, grid):  # the service applies the rule; say so here
@@ -98,8 +102,6 @@ def run(args: argparse.Namespace) -> int:
             if not args.wait:
                 return 0
             sweep = follow(api, sweep, args.interval)
-    except ApiError as exc:
-        return fail(exc)
     except KeyboardInterrupt:
         print("\nstopped following; the sweep goes on", file=sys.stderr)
         return 130

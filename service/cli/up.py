@@ -44,7 +44,14 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.cli.machine import find_redis_server, free_port, port_answers, redis_answers, ray_token_env, write_secret
+from service.cli.machine import (
+    find_redis_server,
+    free_port,
+    port_answers,
+    ray_token_env,
+    redis_answers,
+    write_secret,
+)
 
 STATE_DIR = Path(".unroll")
 DEFAULT_PROJECT = "default"

@@ -48,6 +48,10 @@ class ArtifactStore:
         stale attempt never overwrites the file the current one recorded."""
         return self.uri("jobs", job_id, "checkpoints", f"step-{step:08d}-a{attempt}.pt")
 
+    def model_uri(self, job_id: str, attempt: int) -> str:
+        """A completed run's model artifact (per attempt, as checkpoints are)."""
+        return self.uri("jobs", job_id, f"model-a{attempt}.pt")
+
     def dataset_uri(self, dataset_id: str, filename: str) -> str:
         return self.uri("datasets", dataset_id, _safe_name(filename))
 

@@ -136,6 +136,12 @@ class Keys:
         """A SCAN pattern matching every dispatcher's heartbeat."""
         return f"{self.prefix}:dispatchers:*"
 
+    # STRING (JSON {"attempt", "by", "priority", "at"}, with a TTL): a dispatcher asks this
+    # job's running attempt to stop at its next update and hand its slot to job `by`
+    # (workers.preemption). Lost: the waiting job waits for a slot as before.
+    def preempt_request(self, job_id: str) -> str:
+        return f"{self.prefix}:preempt:{job_id}"
+
     # --- inference sessions (service.store.model_sessions) -------------------------------
     # HASH of one session: project, job, step, sha256 (the checkpoint it runs), state (the
     # serialized hidden state; empty: a fresh one). Expires UNROLL_SESSION_TTL_S after its

@@ -15,7 +15,10 @@ class JobState(str, enum.Enum):
     QUEUED = "queued"
     # Claimed by a worker: `attempt` is the running try, fenced by a lease.
     RUNNING = "running"
-    # The attempt finished training and reported success. Terminal.
+    # The attempt finished training and reported success. Terminal. A sweep trial that its
+    # early stopping stopped at a rung ends here too, with summary.stopped "early" (not a
+    # failure, and told apart from "completed"); the sweep's rule may resume it later
+    # (succeeded → queued: service.store.db.early_stop.resume), from its checkpoint there.
     SUCCEEDED = "succeeded"
     # The attempt reported an error, or the job ran out of attempts. Terminal; retry-able.
     FAILED = "failed"

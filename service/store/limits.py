@@ -23,6 +23,12 @@ PROJECT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 PROJECT_NAME_MAX = 200
 # Ray accounts resources in steps of 1/10,000: a finer request cannot be honoured.
 RESOURCE_STEP = 1e-4
+# GET /v1/compare (and the dashboard's compare page): jobs side by side, series read per
+# job, and points per series and job (each series is downsampled to this, like
+# GET /v1/jobs/{id}/metrics): one request reads at most jobs x series x points.
+MAX_COMPARE_JOBS = 20
+MAX_COMPARE_METRICS = 10
+MAX_COMPARE_POINTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -109,5 +115,6 @@ def markdown() -> str:
     rows = ["| field | at most | at least | why |", "| --- | --- | --- | --- |"]
     rows += [f"| `{lim.field}` | {_number(lim.high)} | {_number(lim.low) if lim.low is not None else ''} | {lim.why} |" for lim in FIELDS]
     rows.append(f"| `resources.cpus`, `resources.gpus` | | | in steps of {RESOURCE_STEP:g} (Ray's) |")
+    rows.append(f"| `GET /v1/compare` | {MAX_COMPARE_JOBS} jobs, {MAX_COMPARE_METRICS} series, {MAX_COMPARE_POINTS:,} points per series | 1 job | `jobs`, `metrics`, `max_points` |")
     rows.append(f"| token lifetime | {MAX_TOKEN_LIFETIME_S // 86400:,} days | {MIN_TOKEN_LIFETIME_S} s | `--expires`, `expires_in_s` |")
     return "\n".join(rows)

@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     retry_backoff_seconds: float = Field(default=2.0, ge=0)
     # A running attempt that ignores a cancel request this long is stopped by force.
     cancel_grace_seconds: float = Field(default=30.0, gt=0)
+    # A running attempt runs at least this long before a higher-priority job may preempt it
+    # (UNROLL_MIN_RUN_S; workers.preemption).
+    min_run_s: float = Field(default=60.0, ge=0, le=86400)
 
     # --- observability ---
     # Level of the `unroll` loggers (JSON lines on stderr). `unroll api --log-level` sets it.

@@ -381,9 +381,13 @@ def render_table(summary: dict[str, Any], *, sort: bool = False) -> str:
     best = summary.get("best_point")
     name = summary["metric"].split("/", 1)[-1]
     header = [*axes, "done", f"final {name}", f"best {name}", "steps", "wall_s", "tok/s", "peak_MiB", "clipped", "skipped", ""]
+    early = any(row.get("steps_used") is not None for row in rows)  # the sweep stops early
+    if early:
+        header[-1:-1] = ["rung", "steps_saved"]
     lines = []
     for row in rows:
         memory = row["peak_memory_bytes"]
+        rungs = [_num(row.get("rung"), 9), _num(row.get("steps_saved"), 12)] if early else []
         lines.append([
             *(_value(row["point"].get(a)) for a in axes),
             f"{row['jobs_done']}/{row['jobs_total']}",
@@ -395,6 +399,7 @@ def render_table(summary: dict[str, Any], *, sort: bool = False) -> str:
             "-" if memory is None else f"{memory / 2**20:.0f}",
             _num(row["clipped_fraction"], 3),
             _num(row["skipped_steps"], 3),
+            *rungs,
             "<- best" if best is not None and row["point"] == best else "",
         ])
     widths = [max(len(str(r[i])) for r in [header, *lines]) for i in range(len(header))]

@@ -74,6 +74,34 @@ async def test_predict_is_the_trainers_forecast(client, db, settings, make_token
     assert r.status_code == 422 and r.json()["error"]["field"] == "series", r.text
 
 
+async def test_the_validation_forecast_is_the_models_over_the_jobs_own_split(client, db, settings, make_token):
+    """GET /v1/jobs/{id}/forecast (the job page's forecast plot): one-step-ahead forecasts
+    over the validation split of the job's data file, read only inside the data roots."""
+    from pathlib import Path
+
+    token = make_token()
+    job_id = await trained_job(client, db, settings, token, series_checkpoint())
+    model = local_model(series_checkpoint())
+    data_file = Path(model.config.data.path)
+    settings.data_roots = [data_file.parent]
+    r = await client.get(f"/v1/jobs/{job_id}/forecast", params={"rows": 40}, headers=auth(token))
+    assert r.status_code == 200, r.text
+    drawn = r.json()
+    rows = series_rows(400, seed=5)  # the file series_config wrote
+    start = int(400 * (1 - model.config.data.valid_fraction))
+    assert drawn["first_row"] == start + 1 and drawn["target"] == "load"
+    assert drawn["actual"] == pytest.approx([row["load"] for row in rows[start + 1 : start + 41]], rel=1e-6)
+    inputs = [[row["load"], row["temp"]] for row in rows[start : start + 40]]
+    assert drawn["forecast"] == pytest.approx(model.step(inputs)[0].tolist(), rel=1e-5)
+    assert (await client.get(f"/v1/jobs/{job_id}/forecast", params={"rows": 10**6}, headers=auth(token))).status_code == 422
+
+    settings.data_roots = [data_file.parent / "elsewhere"]  # the file is no longer one the service may read
+    r = await client.get(f"/v1/jobs/{job_id}/forecast", headers=auth(token))
+    assert r.status_code == 409 and "data roots" in r.json()["error"]["message"]
+    text_job = await trained_job(client, db, settings, token, text_checkpoint())
+    assert (await client.get(f"/v1/jobs/{text_job}/forecast", headers=auth(token))).status_code == 409
+
+
 async def test_a_session_fed_in_50_chunks_equals_one_step_over_the_whole_text(client, db, settings, make_token):
     token = make_token()
     job_id = await trained_job(client, db, settings, token, text_checkpoint())

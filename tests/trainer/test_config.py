@@ -100,3 +100,11 @@ def test_unparseable_file_is_a_config_error(tmp_path):
     path.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_a_job_may_opt_out_of_preemption():
+    base = {"data": {"kind": "recall"}}
+    assert parse_config(base).preemptible is True
+    assert parse_config({**base, "preemptible": False}).preemptible is False
+    with pytest.raises(ConfigError, match="preemptible"):
+        parse_config({**base, "preemptible": "sometimes"})

@@ -64,8 +64,25 @@ def test_generate_is_reproducible_and_names_unknown_characters(model):
     streamed = model.stream("the cat Zat", max_tokens=60, temperature=0.8, top_k=5, seed=7)
     assert streamed.unknown == ["Z"]
     assert "".join(streamed) == first.text
+    flat = model.generate("the ", max_tokens=300, temperature=5.0, seed=1)  # nearly uniform over the vocabulary
+    assert "<unk>" not in flat.tokens and "<unk>" not in flat.text  # no character: never generated
     greedy = model.generate("the ", max_tokens=20, temperature=0)
     assert greedy == model.generate("the ", max_tokens=20, temperature=0, seed=99)  # no sampling at 0
+
+
+def test_generate_batch_samples_every_prompt_as_generate_would(model):
+    """Prompts of different lengths, sampled together as one batch of streams: greedy, each
+    continuation is the one generate gives alone; sampled, each respects top_k."""
+    prompts = ["the ", "a cat sat on the mat\n", "Zz"]
+    together = model.generate_batch(prompts, max_tokens=30, temperature=0)
+    assert [g.text for g in together] == [model.generate(p, 30, temperature=0).text for p in prompts]
+    assert together[2].unknown == model.generate("Zz", 1).unknown and "Z" in together[2].unknown
+    sampled = model.generate_batch(prompts, max_tokens=30, temperature=1.0, top_k=1, seed=3)
+    assert [g.text for g in sampled] == [g.text for g in together]  # top 1 is the likeliest
+    assert model.generate_batch(prompts, 30, seed=4) == model.generate_batch(prompts, 30, seed=4)
+    for bad in ([], "the ", ["ok", ""]):
+        with pytest.raises(ValueError, match="prompt"):
+            model.generate_batch(bad, 5)
 
 
 def test_evaluate_reproduces_the_last_validation_loss(model, trained):

@@ -4,6 +4,7 @@ stored like a run's. Run without Ray: the runner is called as a Ray worker would
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from service.store.db import repo, states
@@ -40,6 +41,11 @@ def test_an_evaluate_job_reproduces_the_last_validation_of_the_trained_job(stack
     assert _run(stack, trained) == "succeeded"
     last_valid = _series(stack, trained)["valid/loss"][-1]
     assert last_valid[0] == 40
+    # the completed run's model artifact is stored and recorded in its summary (issue 15 part 1)
+    model = stack.job(trained).summary["model"]
+    assert (model["step"], model["selected"]) == (40, "last")
+    stored = Path(model["uri"].removeprefix("file://"))
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == model["sha256"] and stored.stat().st_size == model["bytes"]
 
     valid_file.rename(tmp_path / "moved.txt")  # the training data is gone: the checkpoint is enough
     train_file.unlink()

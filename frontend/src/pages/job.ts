@@ -1,6 +1,7 @@
 // The job page: what the job is (config, state history, attempts), how it is learning
 // (live charts of loss, validation, gradient norm before/after clipping, throughput),
-// its log tail and checkpoints, and the cancel and retry buttons.
+// its log tail and checkpoints, the cancel and retry buttons, and its model at work
+// (generate for text, the validation forecast for time series: ./model.ts).
 //
 // Live: the event stream (fetch + SSE, resumed with Last-Event-ID when it drops or the
 // server ends it) says when something changed; the page then reads the new metric points,
@@ -12,6 +13,7 @@ import { Chart, PALETTE, type LineSpec } from "../charts";
 import { announce, bytes, duration, errorBox, facts, h, num, parseTime, progressBar, replace, stateBadge, time } from "../dom";
 import { MAX_POINTS, MetricsFeed } from "../metrics";
 import type { Checkpoint, Job, LogLine, Point } from "../types";
+import { modelPanel, type ModelPanel } from "./model";
 import type { Page } from "./page";
 
 const LOG_TAIL = 300;
@@ -48,6 +50,9 @@ export const jobPage: Page = (root, { params, url, signal, onDispose }) => {
   const checkpoints = h("div", { class: "checkpoints" }, h("p", { class: "muted" }, "Loading…"));
   const logBox = h("pre", { class: "log", tabindex: 0, "aria-label": "Log tail" }, "");
   const config = h("pre", { class: "code config" });
+  const modelSlot = h("div", { class: "model-slot" });
+  let model: ModelPanel | null = null;
+  onDispose(() => model?.destroy());
 
   replace(root,
     h("nav", { class: "crumbs", "aria-label": "Breadcrumb" }, h("a", { href: "/" }, "Jobs"), " › ", h("span", { class: "mono" }, jobId)),
@@ -57,6 +62,7 @@ export const jobPage: Page = (root, { params, url, signal, onDispose }) => {
     problem,
     overview,
     h("section", { "aria-labelledby": "charts-h" }, h("h2", { id: "charts-h" }, "Training curves"), chartGrid),
+    modelSlot,
     h("div", { class: "two" },
       h("section", { "aria-labelledby": "history-h" }, h("h2", { id: "history-h" }, "State history and attempts"), history),
       h("section", { "aria-labelledby": "ckpt-h" }, h("h2", { id: "ckpt-h" }, "Checkpoints"), checkpoints)),
@@ -170,6 +176,8 @@ export const jobPage: Page = (root, { params, url, signal, onDispose }) => {
     if (first) {
       buildCharts(fresh);
       config.textContent = JSON.stringify(fresh.config, null, 2);
+      model = modelPanel(fresh, signal);
+      if (model) replace(modelSlot, model.element);
     }
     drawHead(fresh);
   }
@@ -259,6 +267,7 @@ export const jobPage: Page = (root, { params, url, signal, onDispose }) => {
 
   async function finalRefresh(): Promise<void> {
     await Promise.allSettled([loadJob(), loadMetrics(true), loadLogs(), loadCheckpoints()]);
+    model?.refresh(); // its model artifact now
   }
 
   let eventsSeen = 0;

@@ -1,9 +1,11 @@
 // The jobs page: a live list (polled), filtered by state, tag and sweep; the filters live
-// in the URL (?state=&tag=&sweep=) so back/forward and links keep them.
+// in the URL (?state=&tag=&sweep=) so back/forward and links keep them. Ticked jobs (of any
+// sweep and state) open side by side on the compare page.
 
 import { api, ApiError, sleep } from "../api";
 import { age, errorBox, h, num, progressBar, replace, stateBadge } from "../dom";
 import type { Job, JobList } from "../types";
+import { compareUrl, MAX_COMPARE_JOBS } from "./compare";
 import type { Page } from "./page";
 
 const STATES = ["queued", "running", "succeeded", "failed", "cancelled"];
@@ -45,9 +47,21 @@ export const jobsPage: Page = (root, { url, navigate, signal }) => {
 
   const status = h("p", { class: "status", "aria-live": "polite" });
   const body = h("div", { class: "jobs-body" }, h("p", { class: "muted" }, "Loading jobs…"));
+  // Kept across polls and filters: the rows are redrawn, the selection is not.
+  const selected = new Set<string>();
+  const compare = h("button", { type: "button", id: "compare-selected", disabled: true }, "Compare selected");
+  compare.addEventListener("click", () => navigate(compareUrl([...selected])));
   replace(root,
-    h("div", { class: "page-head" }, h("h1", { tabindex: -1 }, "Jobs")),
+    h("div", { class: "page-head" }, h("h1", { tabindex: -1 }, "Jobs"), h("div", { class: "actions" }, compare)),
     form, status, body);
+
+  function select(id: string, on: boolean): void {
+    if (on) selected.add(id);
+    else selected.delete(id);
+    compare.textContent = selected.size ? `Compare selected (${selected.size})` : "Compare selected";
+    compare.disabled = selected.size < 2;
+    draw();
+  }
 
   let jobs: Job[] = [];
   let cursor: string | null = null;
@@ -79,14 +93,29 @@ export const jobsPage: Page = (root, { url, navigate, signal }) => {
       return;
     }
     const now = Date.now();
+    const focused = (document.activeElement as HTMLElement | null)?.dataset?.select;
     const table = h("table", { class: "jobs" },
       h("thead", {}, h("tr", {},
+        h("th", { scope: "col" }, h("span", { class: "sr-only" }, "Compare")),
         ...["Job", "State", "Progress", "Loss", "Tokens/s", "Attempt", "Age", "Sweep"].map((c) => h("th", { scope: "col" }, c)))),
       h("tbody", {}, ...jobs.map((j) => row(j, now))));
     const more = cursor
       ? h("button", { type: "button", class: "more", onclick: () => { limit += PAGE; void refresh(); } }, "Load more")
       : null;
     replace(body, h("div", { class: "table-wrap" }, table), more);
+    // The redraw replaced the box the keyboard was on: give focus to its successor.
+    if (focused) (body.querySelector(`[data-select="${CSS.escape(focused)}"]`) as HTMLElement | null)?.focus();
+  }
+
+  function checkbox(j: Job): HTMLElement {
+    const on = selected.has(j.id);
+    const box = h("input", {
+      type: "checkbox", "data-select": j.id, checked: on, "aria-label": `Compare ${j.name || j.id}`,
+      // A comparison holds at most MAX_COMPARE_JOBS jobs.
+      disabled: !on && selected.size >= MAX_COMPARE_JOBS,
+    });
+    box.addEventListener("change", () => select(j.id, box.checked));
+    return box;
   }
 
   function row(j: Job, now: number): HTMLElement {
@@ -94,6 +123,7 @@ export const jobsPage: Page = (root, { url, navigate, signal }) => {
     const loss = detail?.metrics?.["train/loss"]?.value ?? j.summary?.final_train_loss ?? null;
     const tps = detail?.metrics?.["train/tokens_per_s"]?.value ?? j.summary?.tokens_per_s ?? null;
     return h("tr", { "data-job": j.id, "data-state": j.state },
+      h("td", {}, checkbox(j)),
       h("th", { scope: "row" }, h("a", { href: `/jobs/${encodeURIComponent(j.id)}` }, j.name || j.id),
         j.name ? h("div", { class: "muted mono small" }, j.id) : null,
         j.tags.length ? h("div", { class: "tags" }, ...j.tags.map((t) => h("span", { class: "tag" }, t))) : null),

@@ -1,6 +1,6 @@
 """The web dashboard (SPEC §5 ``GET /``): one HTML shell for every page the browser may
-open directly (``/``, ``/jobs/{id}``, ``/sweeps/{id}``) and the built script and styles
-under ``/assets``.
+open directly (``/``, ``/jobs/{id}``, ``/sweeps/{id}``, ``/compare``, ``/datasets``) and
+the built script and styles under ``/assets``.
 
 The shell and assets need no token: they hold no data. The page asks for a project token,
 keeps it in the browser and calls the /v1 API with it, like any other client. The assets
@@ -76,6 +76,8 @@ router.routes.extend(
         Route("/", shell, methods=["GET"], name="dashboard"),
         Route("/jobs/{job_id}", shell, methods=["GET"], name="dashboard-job"),
         Route("/sweeps/{sweep_id}", shell, methods=["GET"], name="dashboard-sweep"),
+        Route("/compare", shell, methods=["GET"], name="dashboard-compare"),
+        Route("/datasets", shell, methods=["GET"], name="dashboard-datasets"),
         Mount("/assets", app=StaticFiles(directory=STATIC, check_dir=False), name="dashboard-assets"),
     ]
 )

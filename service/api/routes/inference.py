@@ -15,22 +15,32 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Response, status
+from fastapi import APIRouter, Path, Query, Response, status
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.api import forecast
 from service.api.deps import ProjectDep, RuntimeDep
+from service.api.downloads import BINARY, stored_file
 from service.api.errors import ApiError, Invalid, responses
 from service.api.models import dump_state, load_state
 from service.api.runtime import Runtime
+from service.api.submission import inside_data_roots
 from service.store.db import repo
 from service.store.db.errors import NotFound
-from service.store.db.models import Checkpoint
+from service.store.db.models import Checkpoint, Job
 from service.store.model_sessions import LockLost, ModelSession, SessionBusy
 from trainer.artifact import ArtifactError
-from trainer.inference import MAX_HORIZON, MAX_PROMPT_CHARS, MAX_TEMPERATURE, MAX_TOKENS, Model
+from trainer.inference import (
+    MAX_HORIZON,
+    MAX_PROMPT_CHARS,
+    MAX_TEMPERATURE,
+    MAX_TOKENS,
+    Model,
+)
 
 router = APIRouter(tags=["inference"])
 
@@ -98,9 +108,29 @@ class StepResult(BaseModel):
 # --- the model of a job -------------------------------------------------------------------
 
 
-async def _checkpoint(runtime: Runtime, job_id: str, project_id: str, step: int | None = None) -> Checkpoint:
+@dataclass(frozen=True)
+class ModelFile:
+    """A completed job's model artifact (its summary's `model`), used like a checkpoint row."""
+
+    job_id: str
+    step: int
+    sha256: str
+    uri: str
+
+    @classmethod
+    def of(cls, job: Job) -> "ModelFile | None":
+        model = (job.summary or {}).get("model")
+        return None if model is None else cls(job.id, model["step"], model["sha256"], model["uri"])
+
+
+async def _checkpoint(runtime: Runtime, job_id: str, project_id: str, step: int | None = None) -> Checkpoint | ModelFile:
+    """What a job's model is read from: its model artifact once it completed (the one of
+    `step` when given), else its latest checkpoint (or the one of `step`)."""
     async with runtime.sessions() as db:
-        await db.run_sync(repo.get_job, job_id, project_id)  # NotFound: 404
+        job = await db.run_sync(repo.get_job, job_id, project_id)  # NotFound: 404
+        model = ModelFile.of(job)
+        if model is not None and step in (None, model.step):
+            return model
         if step is None:
             row = await db.run_sync(repo.latest_checkpoint, job_id)
         else:
@@ -113,7 +143,7 @@ async def _checkpoint(runtime: Runtime, job_id: str, project_id: str, step: int 
     return row
 
 
-async def _model(runtime: Runtime, row: Checkpoint) -> Model:
+async def _model(runtime: Runtime, row: Checkpoint | ModelFile) -> Model:
     try:
         return await runtime.models.get((row.job_id, row.step, row.sha256), row.uri)
     except ArtifactError as exc:
@@ -132,6 +162,64 @@ def _invalid(exc: ValueError) -> Invalid:
     text = str(exc)
     match = re.match(r"([A-Za-z_][\w.]*): (.*)", text, re.S)
     return Invalid(match.group(1), match.group(2)) if match else Invalid(None, text)
+
+
+# --- the model artifact -------------------------------------------------------------------
+
+
+@router.get(
+    "/v1/jobs/{job_id}/model",
+    response_class=StreamingResponse,
+    summary="Download a completed job's model (config, weights, vocabulary or normalisation)",
+    description="The `model` artifact written when the job completed (`train.model`: the last or the best "
+    "weights); `trainer.load` reads it with no other file. 409 while the job has none (not completed yet, "
+    "or finished before this version wrote models): its checkpoints serve then.",
+    responses={200: {**BINARY, "description": "The model file (a torch.save dict)"}, **responses(401, 404, 409, 503)},
+)
+async def download_model(job_id: JobId, project: ProjectDep, runtime: RuntimeDep) -> StreamingResponse:
+    async with runtime.sessions() as db:
+        job = await db.run_sync(repo.get_job, job_id, project.project_id)
+    model = (job.summary or {}).get("model")
+    if model is None:
+        raise ApiError(409, "no_model", f"job {job_id!r} has no model artifact: one is written when a job completes ({job.state.value} now)")
+    return await stored_file(
+        runtime, model["uri"], size=model["bytes"], sha256=model["sha256"], filename=f"{job_id}-model.pt",
+        what=("model file", job_id),
+    )
+
+
+# --- the validation forecast of a time-series job -----------------------------------------
+
+
+@router.get(
+    "/v1/jobs/{job_id}/forecast",
+    summary="A time-series job's one-step-ahead forecasts over its validation split, and the values that came",
+    description="What the job page plots (service/api/forecast.py): the model (as generate's) run from a fresh "
+    "state over the first `rows` validation rows of the job's data file. 409 when the data is gone or too large.",
+    responses=responses(401, 404, 409, 422, 503),
+)
+async def validation_forecast(
+    job_id: JobId, project: ProjectDep, runtime: RuntimeDep, rows: Annotated[int, Query(ge=1, le=forecast.MAX_ROWS)] = 500,
+) -> dict[str, Any]:
+    row = await _checkpoint(runtime, job_id, project.project_id)
+    model = await _model(runtime, row)
+    _require(model, "timeseries", "a forecast")
+    data = model.config.data
+    try:
+        if data.dataset is not None:
+            async with runtime.sessions() as db:
+                uri = (await db.run_sync(repo.get_dataset, data.dataset, project.project_id)).uri
+            path = await asyncio.to_thread(runtime.store.local_path, uri, forecast.DATASET_CACHE)
+        else:  # read only inside the data roots, as the job's submission was checked
+            path = inside_data_roots(data.path, runtime.settings.data_roots)
+            if path is None:
+                raise forecast.Unavailable(f"the job's data file {data.path} is not inside the data roots (UNROLL_DATA_ROOTS) now")
+        drawn = await asyncio.to_thread(forecast.validation_forecast, model, path, data.valid_fraction, rows)
+    except NotFound:
+        raise ApiError(409, "data_gone", f"job {job_id!r}: its dataset {data.dataset!r} was deleted") from None
+    except forecast.Unavailable as exc:
+        raise ApiError(409, "no_forecast", str(exc)) from None
+    return {"job_id": job_id, "step": row.step, **drawn}
 
 
 # --- generate -----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 
 from service.api.deps import ProjectDep, RuntimeDep, bearer_token, caller
 from service.api.direct import DirectRoute
+from service.api.downloads import BINARY, stored_file
 from service.api.errors import ApiError, Invalid, responses
 from service.api.quota import counter
 from service.api.runtime import Runtime
@@ -35,7 +36,6 @@ from service.api.submission import (
     read_json,
 )
 from service.store.db import repo, states
-from service.store.db.errors import NotFound
 from service.store.db.models import JobState
 from service.store.quotas import queued_limit
 
@@ -311,8 +311,7 @@ async def job_checkpoints(job_id: JobId, project: ProjectDep, runtime: RuntimeDe
     response_class=StreamingResponse,
     summary="Download one checkpoint",
     responses={
-        200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-              "description": "The checkpoint file (a torch.save dict)"},
+        200: {**BINARY, "description": "The checkpoint file (a torch.save dict)"},
         **responses(401, 404, 422, 503),
     },
 )
@@ -325,24 +324,9 @@ async def download_checkpoint(
     async with runtime.sessions() as session:
         await session.run_sync(repo.get_job, job_id, project.project_id)
         row = await session.run_sync(repo.get_checkpoint, job_id, step)
-    try:
-        handle = await asyncio.to_thread(runtime.store.open, row.uri)
-    except FileNotFoundError:
-        raise NotFound("checkpoint file", f"{job_id}@{step}") from None
-
-    def chunks():
-        with handle:
-            while chunk := handle.read(1 << 20):
-                yield chunk
-
-    return StreamingResponse(
-        chunks(),
-        media_type="application/octet-stream",
-        headers={
-            "Content-Length": str(row.bytes),
-            "Content-Disposition": f'attachment; filename="{job_id}-step-{step}.pt"',
-            "X-Checksum-Sha256": row.sha256,
-        },
+    return await stored_file(
+        runtime, row.uri, size=row.bytes, sha256=row.sha256, filename=f"{job_id}-step-{step}.pt",
+        what=("checkpoint file", f"{job_id}@{step}"),
     )
 
 

@@ -17,9 +17,9 @@ from service.api.deps import ProjectDep, RuntimeDep
 from service.api.errors import ApiError, Invalid
 from service.api.errors import responses as error_responses
 from service.api.quota import counter
-from service.api.schemas import SweepCancelled, SweepCreate, SweepJob, SweepPublic
+from service.api.schemas import SweepCancelled, SweepCreate, SweepJob, SweepPublic, public_summary
 from service.api.submission import check_config, check_references, job_fields
-from service.store import sweeps
+from service.store import early_stop, sweeps
 from service.store.db import repo, states
 from service.store.db.base import utcnow
 from service.store.db.models import Job, JobState
@@ -55,12 +55,13 @@ async def create_sweep(body: SweepCreate, project: ProjectDep, runtime: RuntimeD
         if name != config.name:
             config.name = name
         configs.append(config)
+    settled = _early_stop(body, configs)
     async with runtime.sessions() as session, session.begin():
         known: dict[str, Any] = {}  # each dataset read once, every config pinned
         for config in configs:
             await check_references(session, config, project.project_id, settings, prefix="base.", known=known)
         await runtime.quota.check(project.project_id, len(configs), queued_limit(project.quota, settings.max_queued_per_project), counter(session))
-        public, queued = await session.run_sync(_create, project.project_id, body, configs)
+        public, queued = await session.run_sync(_create, project.project_id, body, configs, settled)
     runtime.quota.added(project.project_id, len(queued))
     runtime.metrics.submissions.inc(len(queued))
     await runtime.enqueue_after_commit(queued)
@@ -75,7 +76,17 @@ def _blame_grid(exc: ApiError, point: dict[str, Any]) -> ApiError:
     return Invalid(f"grid.{path}", f"value {point[path]!r}: {exc.message.split(': ', 1)[-1]}")
 
 
-def _create(session, project_id: str, body: SweepCreate, configs) -> tuple[SweepPublic, list[tuple[str, int]]]:
+def _early_stop(body: SweepCreate, configs: list[JobConfig]) -> dict[str, Any] | None:
+    """The body's early_stop checked against every job of the sweep, defaults filled in."""
+    if body.early_stop is None:
+        return None
+    try:
+        return early_stop.settle(body.early_stop.model_dump(), configs)
+    except early_stop.InvalidEarlyStop as exc:
+        raise Invalid(exc.field, exc.message) from None
+
+
+def _create(session, project_id: str, body: SweepCreate, configs, settled: dict[str, Any] | None) -> tuple[SweepPublic, list[tuple[str, int]]]:
     sweep = repo.create_sweep(
         session,
         project_id=project_id,
@@ -85,6 +96,7 @@ def _create(session, project_id: str, body: SweepCreate, configs) -> tuple[Sweep
         max_parallel=body.max_parallel,
         name=body.name,
     )
+    sweep.early_stop = settled
     queued = []
     for config in configs:
         job, _ = repo.create_job(session, project_id=project_id, sweep_id=sweep.id, **job_fields(config))
@@ -96,7 +108,8 @@ def _summary(session, sweep) -> SweepPublic:
     """The sweep as the API shows it: its jobs one by one, and the comparison table."""
     jobs: list[Job] = repo.list_sweep_jobs(session, sweep.id)
     counts = repo.sweep_state_counts(session, sweep.id)
-    metric, goal = sweeps.task_metric(sweep.base)
+    # Ranked by what early stopping ranks by, when it does (its metric defaults to the task's).
+    metric, goal = (sweep.early_stop["metric"], sweep.early_stop["goal"]) if sweep.early_stop else sweeps.task_metric(sweep.base)
     base_seed = sweeps.get_path(sweep.base, "train.seed")
     now = utcnow()
     rows, outcomes = [], []
@@ -130,12 +143,15 @@ def _summary(session, sweep) -> SweepPublic:
                 state=state,
                 step=job.step,
                 started=started,
-                summary=job.summary,
+                summary=public_summary(job.id, job.summary),
                 evaluations=evaluations,
                 running_s=(now - job.started_at).total_seconds() if started and job.summary is None else None,
                 latest=latest,
             )
         )
+    summary = sweeps.summarize(sweep.grid, sweep.seeds, outcomes, metric, goal)
+    if sweep.early_stop is not None:
+        early_stop.annotate(summary, sweep.early_stop, {job.id: job.step for job in jobs})
     return SweepPublic(
         id=sweep.id,
         name=sweep.name,
@@ -146,9 +162,10 @@ def _summary(session, sweep) -> SweepPublic:
         grid=sweep.grid,
         seeds=sweep.seeds,
         max_parallel=sweep.max_parallel,
+        early_stop=sweep.early_stop,
         counts={state.value: n for state, n in counts.items()},
         jobs=rows,
-        summary=sweeps.summarize(sweep.grid, sweep.seeds, outcomes, metric, goal),
+        summary=summary,
     )
 
 

@@ -85,6 +85,8 @@ class Sweep(Base):
     max_parallel: Mapped[int | None]
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The sweep body's early_stop, defaults filled in (None: every trial runs to its end).
+    early_stop: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc, nullable=True)
 
 
 class Job(Base):

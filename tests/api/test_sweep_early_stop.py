@@ -1,0 +1,91 @@
+"""POST /v1/sweeps with `early_stop`: bounded (422 naming the field), stored with its
+defaults, and the summary's rungs; `early_stop.advance` on trials driven in the database
+as a worker would drive them (claim, metrics, finish with stopped: early)."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.store.db import early_stop, repo, states
+from service.store.db.models import JobState
+from tests.api.helpers import JOB, auth
+
+pytestmark = pytest.mark.redis
+
+BASE = {**JOB, "train": {"max_steps": 90, "eval_every": 10}}
+GOOD = {"min_steps": 10, "reduction_factor": 3}
+
+
+@pytest.mark.parametrize(
+    ("early", "base_train", "field"),
+    [
+        ({"min_steps": 15}, None, "early_stop.min_steps"),  # rung 15: no evaluation there
+        ({"min_steps": 100}, None, "early_stop.min_steps"),  # past max_steps
+        ({"min_steps": 10, "max_steps": 120}, None, "early_stop.max_steps"),  # past train.max_steps
+        ({"min_steps": 10, "reduction_factor": 1}, None, "early_stop.reduction_factor"),
+        ({"min_steps": 10, "reduction_factor": 101}, None, "early_stop.reduction_factor"),
+        ({"min_steps": 0}, None, "early_stop.min_steps"),
+        ({"min_steps": 10, "mode": "bohb"}, None, "early_stop.mode"),
+        ({"min_steps": 10, "metric": "valid/loss"}, None, "early_stop.goal"),  # not the task's: say which way
+        ({"min_steps": 10, "metric": "x" * 65}, None, "early_stop.metric"),
+        ({"min_steps": 10, "surprise": 1}, None, "early_stop.surprise"),
+        ({"min_steps": 10}, {"max_steps": 90, "eval_every": 0}, "base.train.eval_every"),
+        ({"min_steps": 10}, {"epochs": 1, "eval_every": 10}, "early_stop.max_steps"),
+    ],
+)
+async def test_early_stop_is_bounded(client, make_token, early, base_train, field):
+    base = {**BASE, "train": base_train or BASE["train"]}
+    r = await client.post("/v1/sweeps", json={"base": base, "grid": {"tbptt.k1": [4, 8]}, "early_stop": early}, headers=auth(make_token()))
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == field, r.json()
+
+
+async def test_paused_trials_are_promoted_by_the_rule_and_the_summary_shows_rungs(client, make_token, db):
+    token = make_token()
+    body = {"base": BASE, "grid": {"tbptt.k1": [2, 4, 8]}, "early_stop": GOOD}
+    r = await client.post("/v1/sweeps", json=body, headers=auth(token))
+    assert r.status_code == 201, r.text
+    sweep = r.json()
+    assert sweep["early_stop"] == {
+        "metric": "valid/accuracy", "goal": "max", "min_steps": 10, "reduction_factor": 3, "max_steps": 90,
+        "mode": "asha", "resume": True,
+    }
+    ids = [row["job_id"] for row in sweep["jobs"]]
+    accuracy = dict(zip(ids, [0.3, 0.9, 0.5]))
+    for n, job_id in enumerate(ids, start=1):
+        attempt = states.claim(db, job_id, "test-worker", 60)
+        repo.insert_metrics(db, job_id, attempt, [("valid/accuracy", 10, accuracy[job_id]), ("train/loss", 10, 1.0)])
+        states.update_progress(db, job_id, attempt, 10)
+        assert states.finish(db, job_id, attempt, JobState.SUCCEEDED, summary={"steps": 10, "stopped": "early"})
+        resumed = early_stop.advance(db, job_id)
+        db.commit()
+        # ⌊n/3⌋ of n results at rung 10: nothing until the third, then the best (0.9).
+        assert [row[0] for row in resumed] == ([ids[1]] if n == 3 else [])
+    assert repo.get_job(db, ids[1]).state == JobState.QUEUED
+    assert early_stop.advance(db, ids[2]) == []  # promoted once only
+
+    got = (await client.get(f"/v1/sweeps/{sweep['id']}", headers=auth(token))).json()
+    rows = {row["point"]["tbptt.k1"]: row for row in got["summary"]["rows"]}
+    assert [rows[k]["rung"] for k in (2, 4, 8)] == [10, 10, 10]
+    assert [rows[k]["steps_used"] for k in (2, 4, 8)] == [10, 10, 10]
+    assert [rows[k]["steps_saved"] for k in (2, 4, 8)] == [80, 80, 80]
+    assert got["summary"]["best_point"] == {"tbptt.k1": 4}
+
+
+async def test_without_pausing_a_trial_is_judged_once_on_arrival(client, make_token, db):
+    body = {"base": BASE, "grid": {"tbptt.k1": [2, 4, 8]}, "early_stop": {**GOOD, "resume": False}}
+    r = await client.post("/v1/sweeps", json=body, headers=auth(make_token()))
+    assert r.status_code == 201, r.text
+    ids = [row["job_id"] for row in r.json()["jobs"]]
+    decisions = []
+    for job_id, value in zip(ids, [0.3, 0.9, 0.5]):
+        attempt = states.claim(db, job_id, "test-worker", 60)
+        repo.insert_metrics(db, job_id, attempt, [("valid/accuracy", 10, value)])
+        states.update_progress(db, job_id, attempt, 10)
+        assert states.finish(db, job_id, attempt, JobState.SUCCEEDED, summary={"steps": 10, "stopped": "early"})
+        decisions.append([row[0] for row in early_stop.advance(db, job_id)])
+        db.commit()
+    # ⌈n/3⌉ of the n at rung 10, counting the newcomer: 0.3 alone goes on, 0.9 goes on,
+    # 0.5 (behind 0.9) stops for good, and nothing is promoted later.
+    assert decisions == [[ids[0]], [ids[1]], []]
+    assert repo.get_job(db, ids[2]).state == JobState.SUCCEEDED

@@ -1,0 +1,187 @@
+"""Losing any part of the deployed cluster loses no job (issue 20). One cluster in the
+compose layout (tests/cluster/conftest.py) serves the scenarios in this order; in each,
+every job succeeds exactly once (its attempts never overlap, each attempt's trainer starts
+once) with the per-step losses of an undisturbed run.
+
+Which node runs a job is read from the job's log ("... on cpu, pid N": the attempt's Ray
+worker process) and the process tree: a Ray worker is a child of its node's raylet."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import psutil
+import psycopg
+import pytest
+import redis
+import sqlalchemy as sa
+
+from service.store.db.models import Job, JobState
+from tests.cluster.harness import wait_for
+from tests.cluster.jobs import tiny_config
+
+pytestmark = [pytest.mark.cluster, pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(240)]
+
+LONG = 300  # updates: 8-25 s on one CPU here (a checkpoint every 10), far from the end when killed
+KILL_AT = 12  # past the first checkpoint: a resumed attempt starts at step 10
+
+
+def running_on(cluster, records, job_id: str, attempt: int) -> str | None:
+    """The node running `attempt` of the job, from its start line's pid; None until logged."""
+    for line in records.runs(job_id):
+        if line.startswith(f"attempt {attempt} on ") and (pid := re.search(r"pid (\d+)", line)):
+            return cluster.node_of(int(pid.group(1)))
+    return None
+
+
+def waiting_because(records, job_id: str, attempt: int, words: str) -> Job | None:
+    job = records.job(job_id)
+    return job if job.state == JobState.QUEUED and job.attempt == attempt and words in (job.pending_reason or "") else None
+
+
+def test_a_gpu_job_waits_for_a_gpu_node_runs_there_and_waits_again_while_it_is_gone(cluster, api, records):
+    config = tiny_config(LONG, resources={"cpus": 1, "gpus": 1})
+    job_id = api.submit(config)["id"]
+    job = wait_for(lambda: waiting_because(records, job_id, 0, "no node can hold"), 60, "the GPU job's pending reason", cluster.logs)
+    assert "1 GPU" in job.pending_reason, job.pending_reason
+
+    cluster.start_node("gpu", cpus=1, gpus=cluster.layout.node_gpus)
+    records.wait(job_id, {JobState.RUNNING}, step=KILL_AT, logs=cluster.logs)
+    records.wait_checkpointed(job_id, cluster.logs)
+    assert running_on(cluster, records, job_id, 1) == "gpu"
+    # Ray scheduled it against the declared GPU; no GPU exists here, and the job says so.
+    assert " on cpu, pid " in records.runs(job_id)[0], records.runs(job_id)
+
+    cluster.kill_raylet("gpu")  # the GPU node leaves mid-job
+    wait_for(lambda: waiting_because(records, job_id, 1, "no node can hold"), 60, "the GPU job waiting again", cluster.logs)
+    cluster.nodes["gpu"].kill()
+    cluster.start_node("gpu", cpus=1, gpus=cluster.layout.node_gpus)
+    job = records.assert_exactly_once(job_id, config, cluster.logs)
+    assert job.attempt == 2 and records.resumed(job_id), records.runs(job_id)
+
+
+def test_a_killed_raylet_s_jobs_resume_on_other_nodes(cluster, api, records):
+    config = tiny_config(LONG)
+    # Ray keeps CPU jobs off GPU nodes while others fit: one on the head, one on node cpu.
+    ids = [api.submit(config)["id"] for _ in range(2)]
+    on_cpu = wait_for(lambda: [j for j in ids if records.checkpointed(j) and running_on(cluster, records, j, 1) == "cpu"],
+                      90, "a job running on node cpu", cluster.logs)
+    cluster.kill_raylet("cpu")
+    for job_id in ids:
+        job = records.assert_exactly_once(job_id, config, cluster.logs)
+        if job_id in on_cpu:
+            assert job.attempt == 2 and [a.outcome.value for a in records.attempts(job_id)] == ["lost", "succeeded"]
+            assert records.resumed(job_id) and running_on(cluster, records, job_id, 2) in ("head", "gpu", None), records.runs(job_id)
+    cluster.nodes["cpu"].kill()
+
+
+def test_a_killed_dispatcher_s_jobs_are_taken_over_by_the_other(cluster, api, records):
+    # Long enough that the killed dispatcher's attempt cannot finish before Ray ends it.
+    config = tiny_config(2 * LONG, train={"seed": 4})
+    ids = [api.submit(config)["id"] for _ in range(2)]
+    for job_id in ids:
+        records.wait(job_id, {JobState.RUNNING}, step=KILL_AT, logs=cluster.logs)
+        records.wait_checkpointed(job_id, cluster.logs)
+    names = {f"{socket.gethostname()}:{d.proc.pid}": d for d in cluster.dispatchers if d.alive()}
+    holders = {job_id: records.attempts(job_id)[-1].worker for job_id in ids}
+    victim = next(name for name in names if name in holders.values())
+    names[victim].kill()  # kill -9: Ray ends the tasks it owns; their leases expire
+    for job_id in ids:
+        job = records.assert_exactly_once(job_id, config, cluster.logs)
+        workers = [a.worker for a in records.attempts(job_id)]
+        if holders[job_id] == victim:
+            assert job.attempt == 2 and workers[-1] != victim and workers[-1] in names, workers
+            assert records.resumed(job_id), records.runs(job_id)
+    cluster.start_dispatcher()  # two again, for the next scenarios (it joins when ready)
+
+
+def test_a_killed_api_replica_under_load_loses_and_duplicates_no_submission(cluster, api, records):
+    config = tiny_config(5, train={"checkpoint_every": 0})
+    keys = [f"load-{secrets.token_hex(4)}-{i}" for i in range(20)]
+    done: list[str] = []
+
+    def submit(key: str) -> tuple[str, str]:
+        time.sleep(0.2)  # a steady load: 4 clients, 5 submissions a second each
+        job_id = api.submit(config, key)["id"]  # a replica gone mid-request: the next, same key
+        done.append(key)
+        return key, job_id
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(submit, key) for key in keys]
+        wait_for(lambda: len(done) >= 4, 60, "submissions under way")
+        cluster.apis[0].kill()
+        answered = dict(f.result() for f in futures)
+    assert api.failovers > 0  # some request did find the killed replica gone
+    again = api.submit(config, keys[0])  # a client's retry of an answered submission
+    assert again["id"] == answered[keys[0]]
+    with records.sessions.begin() as session:
+        stored = session.execute(sa.select(Job.idempotency_key, Job.id).where(Job.idempotency_key.in_(keys))).all()
+    assert sorted(stored) == sorted(answered.items())  # every key once, the job its client was given
+    for job_id in answered.values():
+        assert records.assert_exactly_once(job_id, config, cluster.logs).attempt == 1
+    cluster.apis[0] = cluster.start_api()
+
+
+def _terminate_database_connections(url: str) -> int:
+    name = sa.make_url(url).database
+    admin = sa.make_url(url).set(database="postgres").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        rows = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchall()
+    return len(rows)
+
+
+def _kill_redis_connections(cluster) -> int:
+    """CLIENT KILL every Redis connection of the cluster's processes (the server is shared:
+    FLUSHALL or a restart is not ours to do)."""
+    port = cluster.redis.connection_pool.connection_kwargs.get("port", 6379)
+    mine = set()
+    for service in cluster.services:
+        if not service.alive():
+            continue
+        for proc in [psutil.Process(service.proc.pid), *psutil.Process(service.proc.pid).children(recursive=True)]:
+            try:
+                mine.update(f"{c.laddr.ip}:{c.laddr.port}" for c in proc.net_connections("tcp") if c.raddr and c.raddr.port == port)
+            except psutil.Error:
+                continue
+    return sum(_quiet_kill(cluster, addr) for addr in mine)
+
+
+def _quiet_kill(cluster, addr: str) -> bool:
+    try:
+        return bool(cluster.redis.execute_command("CLIENT", "KILL", "ADDR", addr, "SKIPME", "yes"))
+    except redis.RedisError:  # closed meanwhile
+        return False
+
+
+def test_dropped_database_and_redis_connections_are_recovered_from(cluster, api, records):
+    config = tiny_config(LONG, train={"seed": 5})
+    ids = [api.submit(config)["id"] for _ in range(2)]
+    for job_id in ids:
+        records.wait(job_id, {JobState.RUNNING}, step=KILL_AT, logs=cluster.logs)
+    assert _terminate_database_connections(cluster.database_url) > 0
+    assert _kill_redis_connections(cluster) > 0
+    for job_id in ids:
+        records.assert_exactly_once(job_id, config, cluster.logs)
+    # Every API replica serves again by itself (its pool replaces the dropped connections).
+    for replica in cluster.apis:
+        wait_for(lambda replica=replica: _get(replica, cluster.token, f"/v1/jobs/{ids[0]}") == 200, 30, f"{replica.log.name} serving again", cluster.logs)
+
+
+def _get(replica, token: str, path: str) -> int:
+    return httpx.get(f"http://127.0.0.1:{replica.port}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "service bug, left to the lead: the first request an API replica serves after PostgreSQL dropped its pooled "
+    "connections answers 503 'database unavailable: connection is closed' (the next ones 200), although "
+    "service.store.db.session sets pool_pre_ping so that 'a restarted server costs one retry, not an error'"))
+def test_an_api_replica_s_first_request_after_its_database_connections_drop_succeeds(cluster):
+    replica = cluster.apis[-1]
+    assert _get(replica, cluster.token, "/v1/jobs") == 200  # a pooled connection exists
+    assert _terminate_database_connections(cluster.database_url) > 0
+    assert [_get(replica, cluster.token, "/v1/jobs") for _ in range(3)] == [200, 200, 200]

@@ -1,0 +1,50 @@
+"""A sweep trial's attempt stops at its next rung (service.store.early_stop).
+
+The trial trains with its own config, unchanged (its schedule spans train.max_steps); this
+callback ends the attempt once the update at the rung's step, its evaluation and its
+checkpoint are done: the loop stops with `stopped = "early"` and checkpoints there, and
+the attempt ends succeeded. Whether the trial goes on is decided after it ended
+(service.store.db.early_stop.advance, called by the dispatcher); a resumed attempt starts at the rung and
+stops at the next one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from service.store import asha
+from service.store.db import early_stop, repo
+from service.store.early_stop import PAUSED
+from trainer.loop import Callback
+
+
+class RungStop(Callback):
+    def __init__(self, ladder: Sequence[int], log: Callable[[str], None]):
+        self.ladder = tuple(ladder)
+        self.log = log
+        self.stop_at = self.ladder[-1]
+        self.step = 0
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        self.step = info["start_step"]
+        self.stop_at = asha.stop_step(self.ladder, self.step)
+        self.log(f"early_stop: this attempt stops at rung {self.stop_at} (rungs {', '.join(map(str, self.ladder))})")
+
+    def on_update(self, step: int, metrics: dict[str, float | None]) -> None:
+        self.step = step
+
+    def stop_reason(self) -> str | None:
+        if self.step < self.stop_at:
+            return None
+        self.log(f"early_stop: reached rung {self.stop_at}; paused there for the sweep's decision")
+        return PAUSED
+
+
+def rung_stops(attempt: Any, job_id: str, log: Callable[[str], None]) -> list[Callback]:
+    """[RungStop] for a trial of a sweep that stops early, else []. `attempt` is the
+    attempt's workers.reporter.Attempt (its database sessions)."""
+    with attempt.sessions.begin() as session:
+        job = repo.get_job(session, job_id)
+        ladder = early_stop.ladder(session, job)
+    return [] if ladder is None else [RungStop(ladder, log)]
