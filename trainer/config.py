@@ -137,7 +137,8 @@ class TBPTTConfig(Section):
 
     @model_validator(mode="after")
     def _defaults_and_rules(self) -> "TBPTTConfig":
-        if self.mode == "adaptive" and self.k2 is not None:
+        # (k2 = k1 is what a parsed config stores for "unset": the service re-reads it.)
+        if self.mode == "adaptive" and self.k2 not in (None, self.k1):
             raise _FieldError("k2", "mode adaptive chooses k2 (from k_min up to k_max): leave it unset")
         if self.mode == "unbiased" and self.k2 not in (None, self.k1):
             raise _FieldError("k2", "mode unbiased draws each window's length: leave k2 unset")

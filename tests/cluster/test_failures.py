@@ -162,7 +162,7 @@ def test_dropped_database_and_redis_connections_are_recovered_from(cluster, api,
     config = tiny_config(LONG, train={"seed": 5})
     ids = [api.submit(config)["id"] for _ in range(2)]
     for job_id in ids:
-        records.wait(job_id, {JobState.RUNNING}, step=KILL_AT, logs=cluster.logs)
+        records.wait(job_id, {JobState.RUNNING, JobState.SUCCEEDED}, step=KILL_AT, logs=cluster.logs)  # a fast one may be done
     assert _terminate_database_connections(cluster.database_url) > 0
     assert _kill_redis_connections(cluster) > 0
     for job_id in ids:
@@ -177,9 +177,10 @@ def _get(replica, token: str, path: str) -> int:
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "service bug, left to the lead: the first request an API replica serves after PostgreSQL dropped its pooled "
-    "connections answers 503 'database unavailable: connection is closed' (the next ones 200), although "
-    "service.store.db.session sets pool_pre_ping so that 'a restarted server costs one retry, not an error'"))
+    "open: the first request an API replica serves after PostgreSQL dropped its pooled connections answers 503 "
+    "'database unavailable: connection is closed' (the next ones 200). By design today (service/api/runtime.py "
+    "turns pool_pre_ping off on PostgreSQL: three round trips per checkout); a retry once on a dropped "
+    "connection, where the statement cannot have run, would remove it"))
 def test_an_api_replica_s_first_request_after_its_database_connections_drop_succeeds(cluster):
     replica = cluster.apis[-1]
     assert _get(replica, cluster.token, "/v1/jobs") == 200  # a pooled connection exists

@@ -108,3 +108,12 @@ def test_a_job_may_opt_out_of_preemption():
     assert parse_config({**base, "preemptible": False}).preemptible is False
     with pytest.raises(ConfigError, match="preemptible"):
         parse_config({**base, "preemptible": "sometimes"})
+
+
+@pytest.mark.parametrize("mode", ["truncated", "full", "adaptive", "unbiased"])
+def test_a_parsed_config_reads_back_as_itself(mode):
+    """The service stores config_dict(parse_config(raw)) and the worker parses it again."""
+    from trainer.config import config_dict
+
+    parsed = parse_config({"data": {"kind": "recall"}, "tbptt": {"mode": mode, "k1": 4}})
+    assert parse_config(config_dict(parsed)) == parsed

@@ -17,7 +17,6 @@ import torch
 
 from trainer.config import parse_config
 from trainer.data import Streams
-from trainer.loop import Trainer
 from trainer.tbptt import Runner, detach, plan_update
 from trainer.truncation import Unbiased, compensation, survival
 

@@ -19,6 +19,14 @@ import type { Page } from "./page";
 const LOG_TAIL = 300;
 const THROTTLE_MS = 1000;
 const FALLBACK_POLL_MS = 5000;
+/** The charts of each tbptt.mode that chooses its own truncation (trainer/truncation.py). */
+const TRUNCATION: Record<string, Array<{ id: string; title: string; yLabel: string; series: string[] }>> = {
+  adaptive: [
+    { id: "truncation", title: "k2 chosen", yLabel: "steps", series: ["train/k2"] },
+    { id: "decay", title: "Measured gradient decay and estimated bias", yLabel: "", series: ["train/decay_rate", "train/bias"] },
+  ],
+  unbiased: [{ id: "truncation", title: "Truncation drawn and its largest weight", yLabel: "", series: ["train/truncation_length", "train/reweight_max"] }],
+};
 
 /** The validation metric of each task (SPEC §2, §3). */
 export function taskMetric(config: Record<string, any>): string {
@@ -127,6 +135,8 @@ export const jobPage: Page = (root, { params, url, signal, onDispose }) => {
   // -- charts ----------------------------------------------------------------------------
 
   let lossChart: Chart, validChart: Chart, normChart: Chart, speedChart: Chart;
+  const truncationCharts: Array<[Chart, string[]]> = [];
+  const truncationSeries: string[] = [];
   let metric = "valid/accuracy";
   let threshold: number | null = null;
 
@@ -150,8 +160,16 @@ export const jobPage: Page = (root, { params, url, signal, onDispose }) => {
     speedChart = new Chart({ id: "tokens_per_s", title: "Throughput", syncKey: jobId, yLabel: "tokens/s",
       series: [{ name: "train/tokens_per_s", label: "train/tokens_per_s", color: PALETTE.throughput }] });
     charts.push(lossChart, validChart, normChart, speedChart);
+    // tbptt.mode adaptive / unbiased: the truncation it chose (docs/tbptt.md)
+    for (const spec of TRUNCATION[j.config?.tbptt?.mode] ?? []) {
+      const chart = new Chart({ id: spec.id, title: spec.title, syncKey: jobId, yLabel: spec.yLabel,
+        series: spec.series.map((name, i) => ({ name, label: name, color: i ? PALETTE.after : PALETTE.before })) });
+      truncationCharts.push([chart, spec.series]);
+      truncationSeries.push(...spec.series);
+      charts.push(chart);
+    }
     replace(chartGrid, ...charts.map((c) => c.element));
-    feed = new MetricsFeed(jobId, ["train/loss", "valid/loss", metric, "train/grad_norm", "train/grad_norm_clipped", "train/clipped", "train/tokens_per_s"], maxPoints);
+    feed = new MetricsFeed(jobId, ["train/loss", "valid/loss", metric, "train/grad_norm", "train/grad_norm_clipped", "train/clipped", "train/tokens_per_s", ...truncationSeries], maxPoints);
   }
 
   function drawCharts(): void {
@@ -165,6 +183,7 @@ export const jobPage: Page = (root, { params, url, signal, onDispose }) => {
       clipped: clippedMarks(d["train/clipped"] ?? [], d["train/grad_norm"] ?? [], d["train/grad_norm_clipped"] ?? [], threshold),
     });
     speedChart.set({ "train/tokens_per_s": d["train/tokens_per_s"] ?? [] });
+    for (const [chart, names] of truncationCharts) chart.set(Object.fromEntries(names.map((name) => [name, d[name] ?? []])));
   }
 
   // -- reading ---------------------------------------------------------------------------

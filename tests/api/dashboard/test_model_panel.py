@@ -73,3 +73,22 @@ def test_a_time_series_jobs_page_plots_its_forecast_against_the_validation_data(
     assert all(math.isfinite(v) for v in api["forecast"])
     expect(page.locator("#forecast-status")).to_contain_text("load: the model of step 30")
     screenshot(page, "job-forecast")
+
+
+def test_an_adaptive_jobs_page_draws_the_truncation_it_chose(page, dashboard):
+    """tbptt.mode adaptive: train/k2, the measured decay and the estimated bias (issue 17)."""
+    job = dashboard.submit({
+        "model": {"cell": "gru", "hidden_size": 16},
+        "data": {"kind": "recall", "vocab": 4, "lag": 3, "length": 2000, "batch_size": 4, "valid_length": 64},
+        "tbptt": {"mode": "adaptive", "k1": 4, "k_min": 2, "k_max": 12, "adapt_every": 10},
+        "train": {"max_steps": 40, "eval_every": 0, "checkpoint_every": 0, "device": "cpu"},
+    })
+    done = dashboard.wait(job["id"], {"succeeded", "failed", "cancelled"}, timeout=150)
+    assert done["state"] == "succeeded", done["error"]
+    page.goto(f"/jobs/{job['id']}")
+    page.wait_for_function("() => (window.unrollCharts().truncation?.series['train/k2'] || []).length > 0", timeout=30_000)
+    shown = page.evaluate("window.unrollCharts()")
+    api = dashboard.metrics(job["id"], ["train/k2", "train/decay_rate", "train/bias"], 500)
+    assert [tuple(p) for p in shown["truncation"]["series"]["train/k2"]] == [tuple(p) for p in api["train/k2"]]
+    assert [tuple(p) for p in shown["decay"]["series"]["train/decay_rate"]] == [tuple(p) for p in api["train/decay_rate"]]
+    assert api["train/bias"] and all(2 <= k <= 12 for _, k in api["train/k2"])
