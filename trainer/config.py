@@ -244,7 +244,7 @@ class EvaluateConfig(Section):
     timeseries, any length, window by window with carried state), as its validation runs."""
 
     job: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # a job of the same project
-    step: int | None = Field(None, ge=0)  # its checkpoint (the service pins the latest when absent)
+    step: int | None = Field(None, ge=0, le=2**63 - 1)  # its checkpoint (the service pins the latest when absent)
     batch_size: int | None = Field(None, ge=1)  # parallel streams; default the job's data.batch_size
 
 

@@ -32,6 +32,7 @@ async def test_an_evaluation_pins_the_latest_checkpoint_of_a_job_of_the_project(
         ({**evaluation(trained), "evaluate": None}, "evaluate"),
         ({**evaluation(trained), "data": {"kind": "recall"}}, "data.kind"),  # generated data: nothing to read
         (evaluation(trained, batch_size=100_000), "evaluate.batch_size"),
+        (evaluation(trained, step=2**64), "evaluate.step"),  # past the database's integers
     ]
     for body, field in cases:
         r = await client.post("/v1/jobs", json=body, headers=auth(token))
