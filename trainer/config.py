@@ -59,20 +59,21 @@ class AddingData(Section):
 
 
 SHA256 = Field(None, pattern=r"^[0-9a-f]{64}$")
+DATASET_ID = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class TextData(Section):
     kind: Literal["text"]
     batch_size: int = Field(32, ge=1)
     path: str | None = None
-    dataset: str | None = None  # id of an uploaded dataset, resolved to a path by the service
+    dataset: str | None = Field(None, pattern=DATASET_ID)  # id of an uploaded dataset, resolved to a path by the service
     # The training file's sha256: the service records an upload's here; when set, the
     # worker refuses a file with other bytes (a rerun proves it trained on the same data).
     sha256: str | None = SHA256
     tokenizer: Literal["char", "word"] = "char"
     document_separator: str = "\n\n"
     valid_path: str | None = None
-    valid_dataset: str | None = None  # an uploaded validation file (instead of valid_path)
+    valid_dataset: str | None = Field(None, pattern=DATASET_ID)  # an uploaded validation file (instead of valid_path)
     valid_sha256: str | None = SHA256
     valid_fraction: float = Field(0.1, gt=0.0, lt=1.0)
 
@@ -90,7 +91,7 @@ class TimeseriesData(Section):
     kind: Literal["timeseries"]
     batch_size: int = Field(32, ge=1)
     path: str | None = None
-    dataset: str | None = None
+    dataset: str | None = Field(None, pattern=DATASET_ID)
     sha256: str | None = SHA256  # as for text
     columns: list[str] | None = None  # input features; default: every numeric column
     target: str

@@ -407,9 +407,9 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torc
     if top_k is not None and top_k < scaled.shape[-1] - 1:
         kth = torch.topk(scaled[..., 1:], top_k, dim=-1).values[..., -1:]
         scaled = scaled.masked_fill(scaled < kth, -math.inf)
-    probs = torch.softmax(scaled, -1).cpu()  # a new tensor: zeroing <unk> changes no caller's
-    probs[..., 0] = 0.0  # multinomial takes weights: no need to renormalise
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    # Over the tokens but <unk> (a softmax that put all its mass on <unk> would leave zeros)
+    probs = torch.softmax(scaled[..., 1:], -1).cpu()
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1) + 1
 
 
 def _as_dict(state: State) -> dict[str, torch.Tensor]:

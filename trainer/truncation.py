@@ -154,16 +154,23 @@ def relative_bias(beta: float, k1: int, k2: int) -> float:
     if beta >= 1.0:
         return 1.0
     steps = min(k1, k2)
-    return sum(beta ** (k2 - j) for j in range(steps)) / steps
+    # the geometric sum β^(k2-m+1) + ... + β^k2 in closed form: O(1), not O(k1)
+    return beta ** (k2 - steps + 1) * (1.0 - beta**steps) / ((1.0 - beta) * steps)
 
 
 def choose_k2(beta: float, k1: int, k_min: int, k_max: int, delta: float) -> tuple[int, float]:
-    """The smallest k2 in [k_min, k_max] with relative_bias <= delta (k_max if none)."""
-    for k2 in range(k_min, k_max + 1):
-        bias = relative_bias(beta, k1, k2)
-        if bias <= delta:
-            return k2, bias
-    return k_max, relative_bias(beta, k1, k_max)
+    """The smallest k2 in [k_min, k_max] with relative_bias <= delta (k_max if none).
+    relative_bias does not increase with k2, so a bisection finds it in O(log(k_max))."""
+    if relative_bias(beta, k1, k_max) > delta:
+        return k_max, relative_bias(beta, k1, k_max)
+    low, high = k_min, k_max  # the answer lies in [low, high]
+    while low < high:
+        middle = (low + high) // 2
+        if relative_bias(beta, k1, middle) <= delta:
+            high = middle
+        else:
+            low = middle + 1
+    return low, relative_bias(beta, k1, low)
 
 
 # -- the policies the loop calls ---------------------------------------------------------------

@@ -465,7 +465,7 @@ def _brief(session: Session, job_id: str) -> dict[str, Any]:
         "needs": Needs.of(parse_config(job.config).resources) if claimable else None,
         "first_attempt": job.attempt == 0,
         "created_at": job.created_at,
-        "preemptible": job.config.get("preemptible", True),  # absent in configs stored before it existed
+        "preemptible": preemption.preemptible(job.config),
     }
 
 

@@ -143,3 +143,12 @@ class PreemptStop(Callback):
 
         reporter.close(summary, then=yield_slot)
         return summary
+
+
+def preemptible(config: dict[str, Any]) -> bool:
+    """A stored job config that may be preempted: `preemptible` (absent in configs stored
+    before it existed: true), and an attempt that watches for the request, which only a
+    single-process training attempt does (workers/runner.py): a data-parallel group or an
+    evaluation chosen would never hand back, and the waiting job would wait for its end."""
+    resources = config.get("resources") or {}
+    return bool(config.get("preemptible", True)) and config.get("kind", "train") == "train" and resources.get("workers", 1) == 1

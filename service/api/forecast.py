@@ -37,20 +37,24 @@ def validation_forecast(model: Model, path: Path, valid_fraction: float, rows: i
     if size > MAX_FILE_BYTES:
         raise Unavailable(f"the job's data file is {size / 2**20:,.0f} MiB; the page draws forecasts for files up to "
                           f"{MAX_FILE_BYTES / 2**20:,.0f} MiB (use `unroll predict` or trainer.load for larger ones)")
-    with path.open(newline="") as fh:
-        table = list(csv.reader(fh))
+    try:
+        with path.open(newline="") as fh:
+            table = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise Unavailable(f"the job's data file cannot be read as CSV any more ({type(exc).__name__})") from None
+    if not table:
+        raise Unavailable("the job's data file is empty now")
     header, body = table[0], table[1:]
     names = [*model.columns, model.target]
     missing = [n for n in names if n not in header]
     if missing:
         raise Unavailable(f"the data file has no column {missing[0]!r} any more")
     at = [header.index(n) for n in names]
-    try:
-        values = torch.tensor([[float(r[j]) for j in at] for r in body], dtype=torch.float32)
+    start = int(len(body) * (1 - valid_fraction))  # the split of training (trainer.data)
+    try:  # only the rows drawn are converted
+        valid = torch.tensor([[float(r[j]) for j in at] for r in body[start : start + rows + 1]], dtype=torch.float32)
     except (ValueError, IndexError):
         raise Unavailable("the data file has rows that are not numbers in the model's columns") from None
-    start = int(len(values) * (1 - valid_fraction))
-    valid = values[start : start + rows + 1]
     if len(valid) < 2:
         raise Unavailable("the validation split has fewer than two rows")
     outputs, _ = model.step(valid[:-1, :-1])

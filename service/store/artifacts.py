@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,8 +128,15 @@ class ArtifactStore:
             return Path(path)
         target = Path(cache_dir) / hashlib.sha256(uri.encode()).hexdigest()[:16] / Path(path).name
         if not target.exists():
+            # Into a file of this call's own, then renamed: a concurrent caller (the API's
+            # threads, a worker's attempts) never opens a half-written copy.
             target.parent.mkdir(parents=True, exist_ok=True)
-            fs.get(path, str(target))
+            partial = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.part")
+            try:
+                fs.get(path, str(partial))
+                os.replace(partial, target)
+            finally:
+                partial.unlink(missing_ok=True)
         return target
 
 

@@ -218,3 +218,14 @@ async def test_the_cli_and_the_client_use_a_job_by_its_id(live_server, db, setti
     assert model.generate("the ", 30, seed=5).text == expected
     code = await asyncio.to_thread(main, ["generate", "job_unknown", "--prompt", "a"])
     assert code == 2 and "job_unknown" in capsys.readouterr().err
+
+
+def test_a_forecast_of_a_data_file_that_changed_is_a_409_not_a_500(tmp_path):
+    """The job's data file may be emptied or replaced after training: the page says so."""
+    from service.api import forecast
+
+    model = local_model(series_checkpoint())
+    for name, content in (("empty.csv", b""), ("binary.csv", b"\xff\xfe\x00load\x00"), ("words.csv", b"load,temp\nx,y\n1,2\n")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(forecast.Unavailable):
+            forecast.validation_forecast(model, tmp_path / name, 0.5, 10)

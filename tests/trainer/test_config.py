@@ -117,3 +117,10 @@ def test_a_parsed_config_reads_back_as_itself(mode):
 
     parsed = parse_config({"data": {"kind": "recall"}, "tbptt": {"mode": mode, "k1": 4}})
     assert parse_config(config_dict(parsed)) == parsed
+
+
+def test_dataset_ids_are_bounded():
+    for field in ("dataset", "valid_dataset"):
+        with pytest.raises(ConfigError, match=f"data.{field}"):
+            parse_config({"data": {"kind": "text", "path": "x.txt", field: "ds_" + "x" * 100}} if field == "valid_dataset"
+                         else {"data": {"kind": "text", field: "../../etc/passwd"}})

@@ -222,3 +222,13 @@ def test_a_recall_model_evaluates_a_file_of_token_ids(tmp_path):
     assert result["streams"] == data.valid.batch_size
     assert result["loss"] == pytest.approx(last["valid/loss"], abs=1e-6)
     assert result["accuracy"] == pytest.approx(last["valid/accuracy"], abs=1e-9)
+
+
+def test_sampling_never_fails_when_unk_takes_all_the_mass():
+    """At a low temperature the softmax can put all its weight on <unk>: with <unk> left out
+    of the draw, the other tokens are still sampled (a zero-weight draw used to raise)."""
+    from trainer.inference import _pick
+
+    logits = torch.tensor([[100.0, 0.0, -1.0], [100.0, -3.0, 0.0]])
+    picked = _pick(logits, 0.01, None, torch.Generator().manual_seed(0))
+    assert picked.tolist() == [1, 2]

@@ -92,3 +92,14 @@ def test_a_preempted_job_hands_back_its_slot_and_resumes_with_identical_losses(s
         beat.close()
     samples = {s[0]: s[2] for family in snapshot for s in family["samples"]}
     assert samples["unroll_preemptions_total"] == 1
+
+
+def test_only_attempts_that_can_hand_back_are_preemptible():
+    """A data-parallel group or an evaluation never reads the request: choosing one would
+    make the waiting job wait for its end."""
+    from workers.preemption import preemptible
+
+    assert preemptible({"data": {"kind": "recall"}})
+    assert not preemptible({"preemptible": False})
+    assert not preemptible({"resources": {"workers": 2}})
+    assert not preemptible({"kind": "evaluate", "evaluate": {"job": "job_x"}})

@@ -209,9 +209,12 @@ async def validation_forecast(
         if data.dataset is not None:
             async with runtime.sessions() as db:
                 uri = (await db.run_sync(repo.get_dataset, data.dataset, project.project_id)).uri
-            path = await asyncio.to_thread(runtime.store.local_path, uri, forecast.DATASET_CACHE)
+            try:
+                path = await asyncio.to_thread(runtime.store.local_path, uri, forecast.DATASET_CACHE)
+            except OSError:
+                raise forecast.Unavailable(f"the file of dataset {data.dataset!r} is gone from the store") from None
         else:  # read only inside the data roots, as the job's submission was checked
-            path = inside_data_roots(data.path, runtime.settings.data_roots)
+            path = await asyncio.to_thread(inside_data_roots, data.path, runtime.settings.data_roots)
             if path is None:
                 raise forecast.Unavailable(f"the job's data file {data.path} is not inside the data roots (UNROLL_DATA_ROOTS) now")
         drawn = await asyncio.to_thread(forecast.validation_forecast, model, path, data.valid_fraction, rows)

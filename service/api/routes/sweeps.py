@@ -119,7 +119,7 @@ def _summary(session, sweep) -> SweepPublic:
         # A job that never ran has no metrics: skip its queries.
         evaluations = repo.read_series(session, job.id, names=[metric])[metric] if started else []
         latest: dict[str, float | None] = {}
-        summary = job.summary
+        summary = public_summary(job.id, job.summary)
         if summary is None and started:
             latest = {name: value for name, (_, value) in repo.last_metrics(session, job.id).items()}
             summary = latest
