@@ -33,7 +33,8 @@ def kept(stack, job_id: str) -> tuple[list[int], set[str], set[str]]:
     """(steps recorded, their files' URIs, the files in the job's folder)."""
     with stack.sessions.begin() as session:
         rows = repo.list_checkpoints(session, job_id)
-    files = {str(p) for p in (Path(stack.artifacts) / "jobs" / job_id).rglob("*") if p.is_file()}
+    # the checkpoints' files (a completed run's model-a<N>.pt lies beside them)
+    files = {str(p) for p in (Path(stack.artifacts) / "jobs" / job_id / "checkpoints").rglob("*") if p.is_file()}
     return [r.step for r in rows], {r.uri for r in rows}, files
 
 

@@ -5,6 +5,7 @@ higher priority takes a full cluster's slot while the preempted job loses nothin
 from __future__ import annotations
 
 import json
+import time
 
 import redis
 
@@ -84,13 +85,17 @@ def test_a_preempted_job_hands_back_its_slot_and_resumes_with_identical_losses(s
     got = stack.losses(low_id)
     assert sorted(got) == list(range(1, 201)) and got == expected  # bit for bit across the preemption
 
+    # The counter, as the dispatcher's next heartbeat publishes it (every few seconds).
     beat = redis.Redis.from_url(stack.redis_url)
     try:
-        keys = list(beat.scan_iter(match=Keys(stack.prefix).dispatcher_heartbeats))
-        snapshot = json.loads(beat.get(keys[0]))["metrics"]
+        deadline, samples = time.monotonic() + 30, {}
+        while samples.get("unroll_preemptions_total") != 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            keys = list(beat.scan_iter(match=Keys(stack.prefix).dispatcher_heartbeats))
+            snapshot = json.loads(beat.get(keys[0]))["metrics"]
+            samples = {s[0]: s[2] for family in snapshot for s in family["samples"]}
     finally:
         beat.close()
-    samples = {s[0]: s[2] for family in snapshot for s in family["samples"]}
     assert samples["unroll_preemptions_total"] == 1
 
 
