@@ -17,14 +17,8 @@ from trainer import inference
 from trainer.artifact import ArtifactError
 from trainer.config import ConfigError, JobConfig, config_dict
 from trainer.data import source_file
-from trainer.loop import (
-    Callback,
-    Summary,
-    finite_or_none,
-    peak_memory_bytes,
-    pick_device,
-    reset_peak_memory,
-)
+from trainer.devices import peak_memory_bytes, pick_device, reset_peak_memory
+from trainer.loop import Callback, Summary, finite_or_none
 from trainer.models import count_parameters
 
 # Model.evaluate's names -> the series an evaluation job stores (those of a validation).

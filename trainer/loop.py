@@ -7,9 +7,7 @@ windows (cancellation).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import resource
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -22,6 +20,7 @@ from trainer import checkpoint as ckpt
 from trainer.clipping import Clipper
 from trainer.config import ConfigError, JobConfig, config_dict, parse_config
 from trainer.data import Data, Streams, Window, load_data
+from trainer.devices import peak_memory_bytes, pick_device, reset_peak_memory
 from trainer.models import RNNModel, State, count_parameters
 from trainer.optim import Schedule, build_optimizer
 from trainer.tbptt import Plan, Runner, detach, deterministic_algorithms, evaluate, evaluation_metrics, map_state, plan_update, runner_for
@@ -35,13 +34,15 @@ class Callback:
     def on_update(self, step: int, metrics: dict[str, float | None]) -> None: ...
     def on_eval(self, step: int, metrics: dict[str, float | None]) -> None: ...
     def on_checkpoint(self, step: int, checkpoint: dict[str, Any]) -> None: ...
-    def on_model(self, artifact: dict[str, Any]) -> None: ...  # a completed run's model (checkpoint.model_artifact)
-    def should_stop(self) -> bool:
-        return False
+    def on_model(self, artifact: dict[str, Any]) -> None: ...  # a finished run's model (checkpoint.model_artifact)
+    def should_stop(self) -> bool: return False  # noqa: E704
     def stop_reason(self) -> str | None:
         """Why to stop before the next update (Summary.stopped), or None to go on."""
         return "cancelled" if self.should_stop() else None
     def on_end(self, summary: "Summary") -> None: ...
+
+
+FINISHED = ("completed", "budget")  # a run stopped for good (budget: by a callback): its model is stored
 
 
 class NonFiniteError(RuntimeError):
@@ -63,7 +64,7 @@ class Summary:
     peak_memory_bytes: int
     clipped_fraction: float
     skipped_steps: int
-    stopped: str  # completed | cancelled | time limit | a callback's stop_reason() (e.g. early)
+    stopped: str  # completed | cancelled | time limit | a callback's stop_reason() (early, budget, preempted)
     valid_accuracy: float | None = None
     valid_ppl: float | None = None
     valid_bpc: float | None = None
@@ -77,14 +78,6 @@ class Summary:
 
 def finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError([("train.device", "cuda requested but no CUDA device is visible")])
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", torch.cuda.current_device())  # the one the worker pinned
-    return torch.device("cpu")
 
 
 @dataclass
@@ -427,7 +420,7 @@ def _fit(config: JobConfig, callbacks: list[Callback], resume, resolve, sync) ->
             _checkpoint(trainer, callbacks)
     if stopped != "completed" and counters.step:  # stopped before its end: resumable from here
         _checkpoint(trainer, callbacks)
-    if stopped == "completed" and any(type(cb).on_model is not Callback.on_model for cb in callbacks):
+    if stopped in FINISHED and any(type(cb).on_model is not Callback.on_model for cb in callbacks):
         model = ckpt.model_artifact(trainer)
         for cb in callbacks:
             cb.on_model(model)
@@ -453,27 +446,6 @@ def _checkpoint(trainer: Trainer, callbacks: list[Callback]) -> None:
     state = trainer.state_dict()
     for cb in callbacks:
         cb.on_checkpoint(trainer.counters.step, state)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start this run's peak afresh: a worker process runs many jobs in turn."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        with contextlib.suppress(OSError):  # Linux: "5" restarts the VmHWM high-water mark
-            Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA: the allocator's peak. CPU: the process's peak resident memory since
-    `reset_peak_memory` (VmHWM; ru_maxrss would carry a parent's or an earlier job's peak)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _summary(trainer: Trainer, valid: dict, stopped: str, wall_s: float, info: dict) -> Summary:

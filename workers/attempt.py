@@ -17,6 +17,7 @@ whose CUDA started for an earlier task.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import traceback
@@ -32,7 +33,7 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.store.artifacts import ArtifactStore
-from service.store.db import repo, states
+from service.store.db import early_stop, repo, states
 from service.store.db.errors import NotFound
 from service.store.db.session import make_engine
 from service.store.keys import DEFAULT_PREFIX
@@ -41,6 +42,8 @@ from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, JobConfig, parse_config
 from trainer.loop import Callback, NonFiniteError, Summary
 from workers.reporter import Attempt, AttemptStale, JobReporter
+
+log = logging.getLogger("unroll.attempt")
 
 # Failures of the job itself: retrying cannot help, so the job fails at once.
 JOB_ERRORS = (ConfigError, NonFiniteError)
@@ -266,6 +269,18 @@ def _summary(summary: Summary | None, model: dict[str, Any] | None) -> dict[str,
     return {**summary.to_dict(), **({"model": model} if model is not None else {})}
 
 
+def _decide_sweep(session: Session, job_id: str) -> None:
+    """A sweep trial ended: its early stopping decides in the transaction that ends it
+    (service.store.db.early_stop.advance), so that the sweep never reads finished while a
+    paused trial is about to go on. A failing decision (a savepoint) does not cost the
+    outcome: the dispatcher decides again after the attempt, the reconciler later."""
+    try:
+        with session.begin_nested():
+            early_stop.advance(session, job_id)
+    except Exception as exc:  # noqa: BLE001 - the outcome stands; the decision is repeated
+        log.warning("job %s: its sweep's early stopping not decided, left to the dispatcher: %s", job_id, exc)
+
+
 def _finish(reporter: JobReporter, state: JobState, *, error: str | None = None, summary=None) -> str:
     attempt = reporter.attempt
     if error:
@@ -277,6 +292,8 @@ def _finish(reporter: JobReporter, state: JobState, *, error: str | None = None,
             session, attempt.job_id, attempt.number, state, error,
             summary=_summary(summary, reporter.model),
         ))
+        if finished[0]:
+            _decide_sweep(session, attempt.job_id)
 
     try:
         # The last metrics, logs and checkpoint and the outcome: one transaction.

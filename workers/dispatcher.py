@@ -21,9 +21,8 @@ used up; a reconciler re-enqueues every due queued job that the queue does not h
 a Redis flush or restart); cancel requests an attempt ignores past a grace period are
 enforced by killing its task; and a heartbeat in Redis tells `/readyz` that Ray answers.
 
-Every transition the dispatcher commits (a claim, a requeue, a failure out of attempts, a
-forced cancel, an unplaceable job, a hand-back) reaches the job's event stream from its
-sessions' outbox (service.store.db.outbox), a claim before its attempt starts.
+Every transition the dispatcher commits reaches the job's event stream from its sessions'
+outbox (service.store.db.outbox), a claim before its attempt starts.
 
 Why Ray tasks, not one actor per job: a job needs no state between calls, and Ray reuses
 a task's worker process, which keeps torch and the engine imported; creating an actor
@@ -136,7 +135,7 @@ class Dispatcher:
         self._cluster_view = ClusterView([], {}, 0.0)
         self.metrics = DispatcherMetrics()
         self.fair = FairShare(self.db)
-        self.preempted_for: dict[str, str] = {}  # job → the waiting job that last preempted it
+        self.preemptor = preemption.Preemptor(self.keys, self.settings.min_run_s)
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -179,7 +178,8 @@ class Dispatcher:
     async def _dispatch_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                if not (await self.free()).get("CPU", 0.0) > 1e-9 and self.running and not await self._may_preempt():
+                full = not (await self.free()).get("CPU", 0.0) > 1e-9 and self.running
+                if full and not self.preemptor.worth_trying(list(self.running.values()), await self.queue.depth()):
                     await self._wait_for_capacity()  # nothing could start: take no message
                     continue
                 await self.fair.refresh((await asyncio.to_thread(self._cluster)).totals)
@@ -267,6 +267,7 @@ class Dispatcher:
             await self.queue.ack(job_id, self.name)
             return
         self.pending_reasons.pop(job_id, None)
+        self.preemptor.started(job_id)
         self.fair.started(job["project_id"], cpus, gpus)
         spec = AttemptSpec(
             job_id=job_id, attempt=attempt, worker=self.name, database_url=self.settings.database_url,
@@ -330,7 +331,6 @@ class Dispatcher:
         try:
             outcome = await run.ref
             log.info("job %s attempt %d ended: %s", run.job_id, run.attempt, outcome, extra=_ctx(run.job_id, run.attempt, self.name))
-            await self._advance_sweep(run.job_id)
             if run.preempted_by is not None:  # handed back (workers.preemption): queue it at once
                 await self.redis.delete(self.keys.preempt_request(run.job_id))
                 await self.queue.enqueue(run.job_id, run.priority, run.project_id)
@@ -344,37 +344,35 @@ class Dispatcher:
             await self._requeue(run.job_id, run.attempt, reason, require_expired=False)
         finally:
             self.running.pop(run.job_id, None)
+            if run.preempted_by is None:
+                self.preemptor.ended(run.job_id)
             self._released.append((time.monotonic(), run.needs.cpus * run.needs.workers, run.needs.gpus * run.needs.workers))
             self.fair.stale()
             self._capacity.set()
-
-    async def _may_preempt(self) -> bool:
-        """The cluster is full: does the queue hold a job that could preempt one of ours?"""
-        lowest = preemption.lowest_preemptible(self.running.values(), time.monotonic(), self.settings.min_run_s)
-        return lowest is not None and any(p > lowest and n for p, n in (await self.queue.depth()).items())
+        await self._advance_sweep(run.job_id)  # whatever the outcome: it may settle its sweep
 
     async def _preempt_for(self, waiting: str, priority: int, needs: Needs, free: dict[str, float]) -> None:
         """Ask running attempts of lower priority to make room for `waiting` (workers.preemption)."""
-        candidates = preemption.candidates(self.running.values(), self.preempted_for, time.monotonic())
-        for victim in preemption.choose(waiting, priority, needs, free, candidates, self.settings.min_run_s):
+        for victim in self.preemptor.choose_for(waiting, priority, needs, free, list(self.running.values()), await self.queue.depth()):
             key, value = preemption.request(self.keys, victim.job_id, victim.attempt, waiting, priority)
             await self.redis.set(key, value, ex=preemption.REQUEST_TTL_S)
-            self.running[victim.job_id].preempted_by = self.preempted_for[victim.job_id] = waiting
+            self.running[victim.job_id].preempted_by = waiting
             self.metrics.preemptions.inc()
             log.info("job %s attempt %d preempted by job %s (priority %d > %d)", victim.job_id, victim.attempt, waiting, priority, victim.priority, extra=_ctx(victim.job_id, victim.attempt, self.name))
 
-    async def _advance_sweep(self, job_id: str) -> None:
-        """A sweep trial's attempt ended: resume the paused trials its early stopping
-        promotes now (service.store.db.early_stop); the queue gets them at once."""
+    async def _advance_sweep(self, key: str, decide: Callable[[Session, str], list] = early_stop.advance) -> None:
+        """A sweep trial's attempt ended (job `key`), or an unsettled sweep's decision was
+        missed (sweep `key`, early_stop.decide): its early stopping decides
+        (service.store.db.early_stop); the queue gets at once the trials it resumed."""
         try:
-            resumed = await self.db(early_stop.advance, job_id)
-            if resumed:
-                await self.queue.enqueue_many(resumed)
-        except Exception as exc:  # noqa: BLE001 - the next trial's end decides again
-            log.warning("early stopping of job %s's sweep not advanced: %s", job_id, exc)
+            due = await self.db(decide, key)
+            added = await self.queue.enqueue_many(due) if due else []
+        except Exception as exc:  # noqa: BLE001 - the worker decided already, the reconciler decides again
+            log.warning("early stopping of the sweep of %s not advanced: %s", key, exc)
             return
-        for promoted, _, _ in resumed:
-            log.info("job %s promoted after job %s reached a rung", promoted, job_id, extra=_ctx(promoted, 0, self.name))
+        for (promoted, _, _), new in zip(due, added):
+            if new:
+                log.info("job %s queued by its sweep's early stopping", promoted, extra=_ctx(promoted, 0, self.name))
 
     async def _requeue(self, job_id: str, attempt: int, reason: str, *, require_expired: bool) -> JobState | None:
         delay = backoff_seconds(self.settings, attempt)
@@ -412,7 +410,10 @@ class Dispatcher:
         await self._heartbeat()
 
     async def reconcile(self) -> int:
-        """Enqueue every due queued job that the queue does not hold; returns how many."""
+        """Enqueue every due queued job that the queue does not hold; returns how many.
+        First, early stopping decides for the sweeps whose decision was missed."""
+        for sweep_id in await self.db(early_stop.unsettled):
+            await self._advance_sweep(sweep_id, early_stop.decide)
         due = await self.db(repo.dispatchable_jobs)
         if not due:
             return 0

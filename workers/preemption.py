@@ -105,6 +105,49 @@ def request(keys: Keys, job_id: str, attempt: int, by: str, priority: int) -> tu
     return keys.preempt_request(job_id), json.dumps({"attempt": attempt, "by": by, "priority": priority, "at": time.time()})
 
 
+class Preemptor:
+    """A dispatcher's preemptions: what it asked (`preempted_for`: job → the waiting job
+    that last preempted it, kept until either starts or ends for good), and whether asking
+    again can change anything. After a try that chose nobody, it is futile until its
+    running attempts, their eligibility or the queue's priorities change: until then the
+    dispatcher waits for capacity instead of taking the same message ten times a second."""
+
+    def __init__(self, keys: Keys, min_run_s: float):
+        self.keys, self.min_run_s = keys, min_run_s
+        self.preempted_for: dict[str, str] = {}
+        self._futile: tuple[Any, ...] | None = None
+
+    def _signature(self, running: Iterable[Any], depth: dict[int, int], now: float) -> tuple[Any, ...]:
+        eligible = frozenset((r.job_id, r.attempt, r.preempted_by is None and now - r.started >= self.min_run_s) for r in running)
+        return eligible, tuple(sorted(depth.items()))
+
+    def worth_trying(self, running: Sequence[Any], depth: dict[int, int]) -> bool:
+        """The cluster is full: may a queued job (`depth`: the queue's) preempt one of ours?"""
+        now = time.monotonic()
+        lowest = lowest_preemptible(running, now, self.min_run_s)
+        if lowest is None or not any(p > lowest and n for p, n in depth.items()):
+            return False
+        return self._signature(running, depth, now) != self._futile
+
+    def choose_for(self, waiting: str, priority: int, needs: Needs, free: dict[str, float], running: Sequence[Any], depth: dict[int, int]) -> list[Candidate]:
+        """The attempts to ask to stop for `waiting` (`choose`), remembered; none: futile."""
+        now = time.monotonic()
+        victims = choose(waiting, priority, needs, free, candidates(running, self.preempted_for, now), self.min_run_s)
+        self._futile = None if victims else self._signature(running, depth, now)
+        for victim in victims:
+            self.preempted_for[victim.job_id] = waiting
+        return victims
+
+    def started(self, job_id: str) -> None:
+        """`job_id` started: what it preempted may be preempted for it again some day."""
+        for victim in [v for v, w in self.preempted_for.items() if w == job_id]:
+            del self.preempted_for[victim]
+
+    def ended(self, job_id: str) -> None:
+        """`job_id`'s attempt ended, not handed back: nothing to remember of it."""
+        self.preempted_for.pop(job_id, None)
+
+
 class PreemptStop(Callback):
     """Stops the attempt at its next update once a dispatcher asked (see the docstring)."""
 

@@ -3,9 +3,12 @@
 The trial trains with its own config, unchanged (its schedule spans train.max_steps); this
 callback ends the attempt once the update at the rung's step, its evaluation and its
 checkpoint are done: the loop stops with `stopped = "early"` and checkpoints there, and
-the attempt ends succeeded. Whether the trial goes on is decided after it ended
-(service.store.db.early_stop.advance, called by the dispatcher); a resumed attempt starts at the rung and
-stops at the next one.
+the attempt ends succeeded. At the top rung (early_stop.max_steps, when it lies below
+train.max_steps) the trial is done: it stops with `stopped = "budget"` and, as a completed
+run does, stores its model. Whether a paused trial goes on is decided in the transaction
+that ends its attempt (service.store.db.early_stop.advance, from workers.attempt; the
+dispatcher and its reconciler decide again when that was missed); a resumed attempt starts
+at the rung and stops at the next one.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 from service.store import asha
 from service.store.db import early_stop, repo
-from service.store.early_stop import PAUSED
+from service.store.early_stop import BUDGET, PAUSED
 from trainer.loop import Callback
 
 
@@ -37,6 +40,9 @@ class RungStop(Callback):
     def stop_reason(self) -> str | None:
         if self.step < self.stop_at:
             return None
+        if self.stop_at == self.ladder[-1]:  # early_stop.max_steps, below train.max_steps
+            self.log(f"early_stop: reached the top rung {self.stop_at}: the trial's budget in this sweep")
+            return BUDGET
         self.log(f"early_stop: reached rung {self.stop_at}; paused there for the sweep's decision")
         return PAUSED
 

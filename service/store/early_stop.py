@@ -11,15 +11,22 @@ The rule is service.store.asha (pure); this module (pure too) and service.store.
   train.max_steps), and each attempt stops at the next rung above the step it starts
   from (`ladders`; workers.rungs stops it there). A trial that stops at a rung ends
   **succeeded with summary.stopped = "early"**, with a checkpoint at that step: it can be
-  told from a failure, and from a trial that trained to its end ("completed").
-- `advance` (service.store.db.early_stop) runs after each attempt of a sweep's trial ends
-  (the dispatcher calls it): it reads every trial's evaluations at its rungs and resumes (`resume`: succeeded, stopped
-  early → queued, attempts counted afresh as after a retry) each paused trial the rule
-  promotes now; with `resume: true` also, when nothing of the sweep is queued or running,
-  the best paused trial of a bracket whose top rung no trial reached (asha.idle_resumptions).
-  With `resume: false` only the trial that just arrived can go on (asha.continues_on_arrival);
-  the others stay stopped for good. A resumed trial continues from its checkpoint at the
-  rung: its losses are those of a trial that never stopped (the trainer resumes bit-exactly).
+  told from a failure, and from a trial that trained to its end ("completed"). A trial
+  that reaches the top rung below its train.max_steps is done too: summary.stopped =
+  "budget", with its model stored (trainer.loop.FINISHED); no rule resumes it.
+- `advance` (service.store.db.early_stop) runs after each attempt of a sweep's trial ends,
+  in the transaction that ends it (workers.attempt; the dispatcher repeats it after any
+  attempt, and its reconciler for sweeps whose decision was missed): it reads every
+  trial's evaluations at its rungs and resumes (`resume`: succeeded, stopped early →
+  queued, attempts counted afresh as after a retry) each paused trial the rule promotes
+  now; with `resume: true` also, when nothing of the sweep is queued or running, the
+  best paused trial of a bracket whose top rung no trial reached
+  (asha.idle_resumptions). With `resume: false` only the trial that just arrived can go
+  on (asha.continues_on_arrival); the others stay stopped for good. When it resumes
+  nothing and no trial is queued or running, the sweep is settled (sweeps.settled_at):
+  until then it reads running, never finished, even for the moment when every trial is
+  paused. A resumed trial continues from its checkpoint at the rung: its losses are
+  those of a trial that never stopped (the trainer resumes bit-exactly).
 - `annotate` adds to the summary's rows the rung each point reached, the steps its jobs
   trained and the steps saved against training every job to max_steps.
 """
@@ -34,6 +41,7 @@ from service.store.sweeps import task_metric
 from trainer.config import JobConfig, config_dict
 
 PAUSED = "early"  # summary.stopped of a trial stopped at a rung
+BUDGET = "budget"  # ... at the top rung, below its train.max_steps: done (trainer.loop.FINISHED)
 
 
 class InvalidEarlyStop(ValueError):

@@ -8,7 +8,9 @@ import pytest
 
 from service.store.db import early_stop, repo, states
 from service.store.db.models import JobState
+from service.store.keys import Keys
 from tests.api.helpers import JOB, auth
+from workers.dispatcher import Dispatcher
 
 pytestmark = pytest.mark.redis
 
@@ -57,12 +59,14 @@ async def test_paused_trials_are_promoted_by_the_rule_and_the_summary_shows_rung
         repo.insert_metrics(db, job_id, attempt, [("valid/accuracy", 10, accuracy[job_id]), ("train/loss", 10, 1.0)])
         states.update_progress(db, job_id, attempt, 10)
         assert states.finish(db, job_id, attempt, JobState.SUCCEEDED, summary={"steps": 10, "stopped": "early"})
-        resumed = early_stop.advance(db, job_id)
+        early_stop.advance(db, job_id)
         db.commit()
         # ⌊n/3⌋ of n results at rung 10: nothing until the third, then the best (0.9).
-        assert [row[0] for row in resumed] == ([ids[1]] if n == 3 else [])
-    assert repo.get_job(db, ids[1]).state == JobState.QUEUED
-    assert early_stop.advance(db, ids[2]) == []  # promoted once only
+        resumed = [i for i in ids[:n] if repo.get_job(db, i).state == JobState.QUEUED]
+        assert resumed == ([ids[1]] if n == 3 else [])
+    # Promoted once only; every decision names what the queue must hold (the resumed trial).
+    assert [row[0] for row in early_stop.advance(db, ids[2])] == [ids[1]]
+    assert [repo.get_job(db, i).state for i in ids] == [JobState.SUCCEEDED, JobState.QUEUED, JobState.SUCCEEDED]
 
     got = (await client.get(f"/v1/sweeps/{sweep['id']}", headers=auth(token))).json()
     rows = {row["point"]["tbptt.k1"]: row for row in got["summary"]["rows"]}
@@ -83,9 +87,61 @@ async def test_without_pausing_a_trial_is_judged_once_on_arrival(client, make_to
         repo.insert_metrics(db, job_id, attempt, [("valid/accuracy", 10, value)])
         states.update_progress(db, job_id, attempt, 10)
         assert states.finish(db, job_id, attempt, JobState.SUCCEEDED, summary={"steps": 10, "stopped": "early"})
-        decisions.append([row[0] for row in early_stop.advance(db, job_id)])
+        early_stop.advance(db, job_id)
         db.commit()
+        decisions.append([i for i in ids[: len(decisions) + 1] if repo.get_job(db, i).state == JobState.QUEUED and i not in sum(decisions, [])])
     # ⌈n/3⌉ of the n at rung 10, counting the newcomer: 0.3 alone goes on, 0.9 goes on,
     # 0.5 (behind 0.9) stops for good, and nothing is promoted later.
     assert decisions == [[ids[0]], [ids[1]], []]
     assert repo.get_job(db, ids[2]).state == JobState.SUCCEEDED
+
+
+def _reach(db, job_id: str, step: int, accuracy: float, stopped: str = "early") -> None:
+    """One attempt of a trial, as a worker drives it: claimed, evaluated at `step`, ended
+    there (the decision that the worker makes in the same transaction is left out)."""
+    attempt = states.claim(db, job_id, "test-worker", 60)
+    repo.insert_metrics(db, job_id, attempt, [("valid/accuracy", step, accuracy)])
+    states.update_progress(db, job_id, attempt, step)
+    assert states.finish(db, job_id, attempt, JobState.SUCCEEDED, summary={"steps": step, "stopped": stopped})
+    db.commit()
+
+
+async def test_a_sweep_reads_running_until_its_rule_can_resume_nothing(client, make_token, db, settings, redis_client):
+    token = make_token()
+    body = {"base": BASE, "grid": {"tbptt.k1": [2, 4]}, "early_stop": GOOD}  # rungs 10, 30, 90
+    r = await client.post("/v1/sweeps", json=body, headers=auth(token))
+    sweep_id, ids = r.json()["id"], [row["job_id"] for row in r.json()["jobs"]]
+
+    async def state() -> str:
+        return (await client.get(f"/v1/sweeps/{sweep_id}", headers=auth(token))).json()["state"]
+
+    # Both trials paused at rung 10 and nobody decided (the deciding process died, say):
+    # every trial is finished, the sweep is not: its rule may still resume one.
+    for job_id, value in zip(ids, [0.3, 0.9]):
+        _reach(db, job_id, 10, value)
+    assert await state() == "running"
+    assert early_stop.unsettled(db) == [sweep_id]
+
+    # The dispatcher's reconciler decides for it (no Ray needed): ⌊2/3⌋ = 0 promotions, and
+    # the idle sweep resumes its best paused trial, straight into the queue.
+    dispatcher = Dispatcher(settings, name="settling-test")
+    try:
+        await dispatcher.reconcile()
+    finally:
+        await dispatcher.redis.aclose()
+        dispatcher.sessions.kw["bind"].dispose()
+    db.expire_all()
+    assert [repo.get_job(db, i).state for i in ids] == [JobState.SUCCEEDED, JobState.QUEUED]
+    assert await redis_client.hexists(Keys(settings.redis_prefix).queue_members, ids[1])
+    assert early_stop.unsettled(db) == [] and await state() == "running"
+
+    # It reaches rung 30 (resumed again: the top is not reached), then the end: the rule can
+    # resume nothing more, the sweep is settled and finished.
+    _reach(db, ids[1], 30, 0.95)
+    assert [row[0] for row in early_stop.advance(db, ids[1])] == [ids[1]]
+    db.commit()
+    _reach(db, ids[1], 90, 0.97, stopped="completed")
+    assert early_stop.advance(db, ids[1]) == []
+    db.commit()
+    assert await state() == "succeeded" and early_stop.unsettled(db) == []
+    assert repo.get_job(db, ids[0]).summary["stopped"] == "early"  # stopped for good at rung 10

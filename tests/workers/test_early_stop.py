@@ -71,3 +71,21 @@ def test_a_paused_trial_is_promoted_later_and_resumes_bit_exactly(stack):
         got = stack.losses(job.id)
         assert sorted(got) == list(range(1, job.step + 1))
         assert got == {step: expected[step] for step in got}, job.id  # bit for bit, also after the pause
+
+
+def test_a_trial_at_the_top_rung_below_its_max_steps_is_done_with_its_model(stack):
+    # Rungs 20 and 40 of a trial that would train 60 steps: alone, it pauses at 20, the idle
+    # sweep resumes it (decided in the transaction that ends the attempt), and at 40 it is
+    # done: its budget in this sweep, not a pause; its model is stored like a completed
+    # run's, and the sweep is settled.
+    config = tiny_config(60)
+    stack.start_worker()
+    sweep_id, ids = create_sweep(stack, [config], {"min_steps": 20, "reduction_factor": 3, "max_steps": 40, "mode": "asha", "resume": True})
+    (job,) = wait_settled(stack, ids)
+
+    assert job.state == JobState.SUCCEEDED and job.step == 40 and job.attempt == 2, (job.state, job.step, job.summary)
+    assert job.summary["stopped"] == "budget" and job.summary["model"]["step"] == 40, job.summary
+    with stack.sessions.begin() as session:
+        assert repo.get_sweep(session, sweep_id, stack.project_id).settled_at is not None
+    expected = undisturbed_losses(config)
+    assert stack.losses(job.id) == {step: expected[step] for step in range(1, 41)}

@@ -14,7 +14,8 @@ from service.store.db.models import JobState
 from service.store.keys import Keys
 from tests.workers.test_end_to_end import tiny_config, undisturbed_losses
 from workers.placement import Needs
-from workers.preemption import Candidate, choose
+from workers.dispatcher import Running
+from workers.preemption import Candidate, Preemptor, choose
 
 TERMINAL = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
 ONE = Needs(1.0, 0.0)
@@ -53,10 +54,37 @@ def test_what_is_already_stopping_counts_and_nobody_is_preempted_twice_in_a_row_
     assert [c.job_id for c in choose("x", 5, ONE, {}, again, 60)] == ["a"]  # another waiting job may
 
 
+def test_a_try_that_chose_nobody_is_not_repeated_until_something_changes():
+    preemptor = Preemptor(Keys("t"), min_run_s=60)
+    low = Running("low", 1, ref=None, needs=Needs(2.0, 0.0), started=time.monotonic() - 100, priority=0)
+    depth = {5: 1}  # one queued job of priority 5
+    assert preemptor.worth_trying([low], depth)
+    assert [v.job_id for v in preemptor.choose_for("w", 5, Needs(2.0, 0.0), {"CPU": 0.0}, [low], depth)] == ["low"]
+    assert preemptor.preempted_for == {"low": "w"}
+
+    # "low" handed back and runs again; "w" waits on: "low" is not preempted twice in a row
+    # for it, so the try is futile, and so is the same try again (the dispatcher waits for
+    # capacity instead of taking the message at once)...
+    again = Running("low", 2, ref=None, needs=Needs(2.0, 0.0), started=time.monotonic() - 100, priority=0)
+    assert preemptor.choose_for("w", 5, Needs(2.0, 0.0), {"CPU": 0.0}, [again], depth) == []
+    assert not preemptor.worth_trying([again], depth)
+    # ...until the queue (a new arrival) or what runs changes.
+    assert preemptor.worth_trying([again], {5: 1, 9: 1})
+    assert preemptor.worth_trying([], depth) is False  # nothing to preempt at all
+    # What is remembered goes when either side starts or ends for good.
+    preemptor.started("w")
+    assert preemptor.preempted_for == {}
+    preemptor.preempted_for["low"] = "x"
+    preemptor.ended("low")
+    assert preemptor.preempted_for == {}
+
+
 def test_a_preempted_job_hands_back_its_slot_and_resumes_with_identical_losses(stack):
     # The low-priority job holds both CPUs; it may not count the preemption as an attempt
     # (max_attempts 1: a counted one would fail it).
-    low = tiny_config(200, train={"max_steps": 200, "eval_every": 100, "checkpoint_every": 100, "seed": 3, "device": "cpu"}, resources={"cpus": 2})
+    # Long enough (a few seconds) that it is still training when the high one comes: its
+    # progress reaches the database once a second, and 200 updates take less here.
+    low = tiny_config(2000, train={"max_steps": 2000, "eval_every": 1000, "checkpoint_every": 100, "seed": 3, "device": "cpu"}, resources={"cpus": 2})
     low["max_attempts"] = 1
     high = tiny_config(10, resources={"cpus": 1})
     stack.start_worker(UNROLL_MIN_RUN_S="0")
@@ -68,7 +96,7 @@ def test_a_preempted_job_hands_back_its_slot_and_resumes_with_identical_losses(s
 
     assert high_job.state == JobState.SUCCEEDED, (high_job.error, stack.worker_logs())
     assert low_job.state == JobState.SUCCEEDED, (low_job.error, stack.worker_logs())
-    assert low_job.step == 200 and low_job.attempt == 2
+    assert low_job.step == 2000 and low_job.attempt == 2
     with stack.sessions.begin() as session:
         first, second = states.list_attempts(session, low_id)
         (high_attempt,) = states.list_attempts(session, high_id)
@@ -83,7 +111,7 @@ def test_a_preempted_job_hands_back_its_slot_and_resumes_with_identical_losses(s
 
     expected = undisturbed_losses(low)
     got = stack.losses(low_id)
-    assert sorted(got) == list(range(1, 201)) and got == expected  # bit for bit across the preemption
+    assert sorted(got) == list(range(1, 2001)) and got == expected  # bit for bit across the preemption
 
     # The counter, as the dispatcher's next heartbeat publishes it (every few seconds).
     beat = redis.Redis.from_url(stack.redis_url)
@@ -108,3 +136,4 @@ def test_only_attempts_that_can_hand_back_are_preemptible():
     assert not preemptible({"preemptible": False})
     assert not preemptible({"resources": {"workers": 2}})
     assert not preemptible({"kind": "evaluate", "evaluate": {"job": "job_x"}})
+

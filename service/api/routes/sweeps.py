@@ -20,6 +20,7 @@ from service.api.quota import counter
 from service.api.schemas import SweepCancelled, SweepCreate, SweepJob, SweepPublic, public_summary
 from service.api.submission import check_config, check_references, job_fields
 from service.store import early_stop, sweeps
+from service.store.db import early_stop as db_early_stop
 from service.store.db import repo, states
 from service.store.db.base import utcnow
 from service.store.db.models import Job, JobState
@@ -96,7 +97,8 @@ def _create(session, project_id: str, body: SweepCreate, configs, settled: dict[
         max_parallel=body.max_parallel,
         name=body.name,
     )
-    sweep.early_stop = settled
+    if settled is not None:  # (assigning None would store a JSON null, not SQL NULL)
+        sweep.early_stop = settled
     queued = []
     for config in configs:
         job, _ = repo.create_job(session, project_id=project_id, sweep_id=sweep.id, **job_fields(config))
@@ -155,7 +157,7 @@ def _summary(session, sweep) -> SweepPublic:
     return SweepPublic(
         id=sweep.id,
         name=sweep.name,
-        state=repo.sweep_state(counts),
+        state=repo.sweep_state(counts, deciding=db_early_stop.deciding(sweep)),
         created_at=sweep.created_at,
         cancel_requested=sweep.cancel_requested_at is not None,
         base=sweep.base,

@@ -87,6 +87,9 @@ class Sweep(Base):
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # The sweep body's early_stop, defaults filled in (None: every trial runs to its end).
     early_stop: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc, nullable=True)
+    # When its early stopping last found nothing to resume and no trial queued or running
+    # (service.store.db.early_stop.decide); None while a paused trial may still go on.
+    settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Job(Base):

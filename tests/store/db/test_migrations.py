@@ -36,7 +36,7 @@ def test_upgrade_to_head_and_back_to_base(empty_db_url: str) -> None:
     assert current(empty_db_url) is None
     upgrade(empty_db_url)
     assert _tables(empty_db_url) == TABLES
-    assert current(empty_db_url) == "0004"
+    assert current(empty_db_url) == "0005"
     downgrade(empty_db_url, "base")
     assert _tables(empty_db_url) == set()
     assert current(empty_db_url) is None

@@ -66,14 +66,16 @@ def count_running_in_sweep(session: Session, sweep_id: str) -> int:
     ).scalar_one()
 
 
-def sweep_state(counts: Mapping[JobState, int]) -> str:
+def sweep_state(counts: Mapping[JobState, int], *, deciding: bool = False) -> str:
     """A sweep's state, derived from its jobs' states: running while any job is unfinished
     and some started; queued when none started; when all finished, failed if any failed,
-    else cancelled if any was cancelled, else succeeded."""
+    else cancelled if any was cancelled, else succeeded. `deciding`: its early stopping may
+    still resume a paused trial (service.store.db.early_stop.deciding): running, not
+    finished, even when every trial is (for now)."""
     live = {state: n for state, n in counts.items() if n}
     if not live or set(live) == {JobState.QUEUED}:
         return JobState.QUEUED.value
-    if JobState.QUEUED in live or JobState.RUNNING in live:
+    if JobState.QUEUED in live or JobState.RUNNING in live or deciding:
         return JobState.RUNNING.value
     for state in (JobState.FAILED, JobState.CANCELLED):
         if state in live:
