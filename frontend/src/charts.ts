@@ -33,6 +33,8 @@ export interface ChartOptions {
   height?: number;
   /** A horizontal reference line (the clip threshold). */
   threshold?: { value: number; label: string } | null;
+  /** Vertical reference lines at these x values (a sweep's early-stopping rungs). */
+  xMarks?: Array<{ value: number; label: string }>;
   /** Leave room around the first and last x (points with error bars at the edges). */
   padX?: boolean;
   /** Ticks exactly at these x values (the swept values) instead of uPlot's choice. */
@@ -47,6 +49,7 @@ export interface ChartSnapshot {
   series: Record<string, Point[]>;
   errors: Record<string, Array<[number, number]>>;
   threshold: number | null;
+  xMarks: number[];
   xLog: boolean;
   yLog: boolean;
 }
@@ -109,6 +112,12 @@ export class Chart {
     this.schedule();
   }
 
+  setXMarks(xMarks: ChartOptions["xMarks"]): void {
+    this.options = { ...this.options, xMarks };
+    this.element.dataset.xMarks = (xMarks ?? []).map((m) => m.value).join(",");
+    this.schedule();
+  }
+
   setAxis(xLabel: string, categories: string[] | undefined, xLog: boolean, xTicks?: number[]): void {
     this.options = { ...this.options, xLabel, xCategories: categories, xLog, xTicks };
     this.plot?.destroy();
@@ -134,6 +143,7 @@ export class Chart {
       series: Object.fromEntries(names.map((n) => [n, this.get(n)])),
       errors: Object.fromEntries(Object.entries(this.errors).map(([n, m]) => [n, [...m.entries()]])),
       threshold: this.options.threshold?.value ?? null,
+      xMarks: (this.options.xMarks ?? []).map((m) => m.value),
       xLog: Boolean(this.options.xLog),
       yLog: Boolean(this.options.yLog),
     };
@@ -287,7 +297,7 @@ export class Chart {
     };
   }
 
-  /** What uPlot does not draw itself: the threshold line, error bars, non-finite marks. */
+  /** What uPlot does not draw itself: the threshold line, the x marks, error bars, non-finite marks. */
   private decorate(u: uPlot): void {
     const ctx = u.ctx;
     const { left, top, width, height } = u.bbox;
@@ -311,6 +321,21 @@ export class Chart {
       ctx.font = `${12 * dpr}px system-ui, sans-serif`;
       ctx.textAlign = "right";
       ctx.fillText(t.label, left + width - 4 * dpr, y - 4 * dpr);
+    }
+    for (const mark of this.options.xMarks ?? []) {
+      const x = u.valToPos(mark.value, "x", true);
+      ctx.strokeStyle = "#757575";
+      ctx.lineWidth = 1 * dpr;
+      ctx.setLineDash([3 * dpr, 3 * dpr]);
+      ctx.beginPath();
+      ctx.moveTo(x, top);
+      ctx.lineTo(x, top + height);
+      ctx.stroke();
+      ctx.setLineDash([]);
+      ctx.fillStyle = "#555";
+      ctx.font = `${11 * dpr}px system-ui, sans-serif`;
+      ctx.textAlign = "left";
+      ctx.fillText(mark.label, x + 3 * dpr, top + 12 * dpr);
     }
     this.options.series.forEach((s, i) => {
       const errs = this.errors[s.name];

@@ -81,6 +81,10 @@ export interface SweepRow {
   clipped_fraction: number | null;
   skipped_steps: number | null;
   job_ids: string[];
+  /** With early stopping: the highest rung a member reached, steps trained, steps not spent. */
+  rung?: number | null;
+  steps_used?: number | null;
+  steps_saved?: number | null;
 }
 
 export interface SweepSummary {
@@ -89,6 +93,8 @@ export interface SweepSummary {
   axes: string[];
   rows: SweepRow[];
   best_point: Record<string, unknown> | null;
+  /** With early stopping: the steps at which trials are judged. */
+  rungs?: number[] | null;
 }
 
 export interface Sweep {
@@ -101,6 +107,18 @@ export interface Sweep {
   max_parallel: number | null;
   jobs: Array<Partial<Job> & { id?: string; job_id?: string }> | string[];
   summary?: SweepSummary | null;
+  early_stop?: EarlyStop | null;
+}
+
+/** A sweep's early stopping, defaults filled in (SweepCreate.early_stop, service/api/schemas.py). */
+export interface EarlyStop {
+  metric: string;
+  goal: "max" | "min";
+  min_steps: number;
+  reduction_factor: number;
+  max_steps: number;
+  mode: "asha" | "hyperband";
+  resume: boolean;
 }
 
 /** GET /v1/compare (service/api/routes/compare.py). */

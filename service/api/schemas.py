@@ -297,6 +297,8 @@ class SweepSummary(BaseModel):
     # The point with the best final mean (the first in grid order on a tie); null before
     # any evaluation.
     best_point: dict[str, Any] | None
+    # With early_stop: the steps at which trials are judged (every bracket's, ascending).
+    rungs: list[int] | None = None
 
 
 class SweepPublic(BaseModel):

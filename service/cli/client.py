@@ -279,8 +279,12 @@ class Client:
         seeds: int = 1,
         max_parallel: int | None = None,
         name: str | None = None,
+        early_stop: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        body = {"base": base, "grid": grid, "seeds": seeds, "max_parallel": max_parallel, "name": name}
+        body = {
+            "base": base, "grid": grid, "seeds": seeds, "max_parallel": max_parallel, "name": name,
+            "early_stop": early_stop,
+        }
         return self._json("POST", "/v1/sweeps", json={k: v for k, v in body.items() if v is not None})
 
     def get_sweep(self, sweep_id: str) -> dict[str, Any]:

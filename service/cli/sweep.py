@@ -1,4 +1,5 @@
-"""`unroll sweep CONFIG --grid PATH=V1,V2,... [--grid ...] [--seeds N] [--max-parallel N] [--wait]`
+"""`unroll sweep CONFIG --grid PATH=V1,V2,... [--grid ...] [--seeds N] [--max-parallel N]
+[--early-stop KEY=V,...] [--wait]`
 
 Submits a sweep (POST /v1/sweeps): CONFIG is the base job configuration (SPEC §2) and each
 --grid one axis. Values are numbers when they read as one (`8`, `0.25`, `1e-3`), else YAML
@@ -6,6 +7,12 @@ scalars (`lstm` a string, `true` a bool, `null` None). `tbptt.k2` follows `tbptt
 the base config is not used when only k1 is swept, since a sweep over truncation lengths
 almost always means k1 = k2 = k (the service applies this rule, service/store/sweeps.py, so
 the same sweep sent over HTTP trains the same jobs).
+
+--early-stop stops unpromising trials early (the sweep body's early_stop, SPEC §7):
+`--early-stop min_steps=100` is asynchronous successive halving with rungs at 100, 300, 900,
+... steps up to the base's train.max_steps; the other keys are reduction_factor, max_steps,
+mode (asha or hyperband), resume (true: a trial not promoted is paused with a checkpoint and
+may resume later; false: stopped for good), metric and goal.
 
 Without --wait it prints the sweep's id. With --wait it shows the summary table live
 (redrawn in place on a terminal; otherwise printed again whenever a job changes state) and at the end
@@ -46,6 +53,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seeds", type=int, default=1, help="runs per grid point (train.seed + 0..N-1)")
     p.add_argument("--max-parallel", type=int, default=None, help="at most this many of its jobs run at once")
     p.add_argument("--name", default=None, help="a name for the sweep (default: the config's name)")
+    p.add_argument(
+        "--early-stop", default=None, metavar="KEY=V,...",
+        help="stop unpromising trials early, e.g. min_steps=100,reduction_factor=3,mode=asha,resume=true",
+    )
     p.add_argument("--wait", action="store_true", help="show the table live until every job ends")
     p.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
     add_client_args(p)
@@ -68,11 +79,30 @@ def parse_grid(specs: list[str]) -> dict[str, list[Any]]:
             raise GridError(f"--grid {spec!r}: expected PATH=V1,V2,... (e.g. tbptt.k1=8,16,32)")
         if path in grid:
             raise GridError(f"--grid {path} given twice")
-        grid[path] = [_value(path, text.strip(), yaml) for text in values.split(",")]
+        grid[path] = [_value(f"--grid {path}", text.strip(), yaml) for text in values.split(",")]
     return grid
 
 
-def _value(path: str, text: str, yaml) -> Any:
+def parse_early_stop(spec: str | None) -> dict[str, Any] | None:
+    """"min_steps=100,mode=hyperband" -> {"min_steps": 100, "mode": "hyperband"}; the
+    service checks the keys and values (a 422 names the field)."""
+    if spec is None:
+        return None
+    import yaml
+
+    settings: dict[str, Any] = {}
+    for item in spec.split(","):
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not text.strip():
+            raise GridError(f"--early-stop {item!r}: expected KEY=VALUE (e.g. min_steps=100)")
+        if key in settings:
+            raise GridError(f"--early-stop {key} given twice")
+        settings[key] = _value(f"--early-stop {key}", text.strip(), yaml)
+    return settings
+
+
+def _value(where: str, text: str, yaml) -> Any:
     """A number if it reads as one (1e-3 too, which YAML 1.1 takes for a string), else YAML."""
     if not text:
         return None
@@ -86,17 +116,20 @@ def _value(path: str, text: str, yaml) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise GridError(f"--grid {path}: cannot read value {text!r}: {exc}") from None
+        raise GridError(f"{where}: cannot read value {text!r}: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     base = read_config(args.config)
     grid = parse_grid(args.grid)
+    early_stop = parse_early_stop(args.early_stop)
     if sweeps.k2_follows_k1(base, grid):  # the service applies the rule; say so here
         print("note: tbptt.k2 follows tbptt.k1 (the base config's k2 is not used)", file=sys.stderr)
     try:
         with open_client(args) as api:
-            sweep = api.create_sweep(base, grid, seeds=args.seeds, max_parallel=args.max_parallel, name=args.name)
+            sweep = api.create_sweep(
+                base, grid, seeds=args.seeds, max_parallel=args.max_parallel, name=args.name, early_stop=early_stop
+            )
             print(sweep["id"], flush=True)
             print(f"{len(sweep['jobs'])} jobs ({len(sweep['summary']['rows'])} points x {args.seeds} seeds)", file=sys.stderr)
             if not args.wait:

@@ -97,10 +97,11 @@ def ladders(early_stop: Mapping[str, Any]) -> dict[int, tuple[int, ...]]:
 
 
 def annotate(summary: dict[str, Any], early_stop: Mapping[str, Any], steps: Mapping[str, int]) -> None:
-    """Add rung, steps_used and steps_saved to each row of a sweep summary; `steps` is
-    {job id: steps trained}."""
+    """Add the rungs to a sweep summary and rung, steps_used and steps_saved to each of its
+    rows; `steps` is {job id: steps trained}."""
     top = early_stop["max_steps"]
     every_rung = ladders(early_stop)[0]  # every bracket's rungs are among bracket 0's
+    summary["rungs"] = list(every_rung)
     for row in summary["rows"]:
         used = [steps.get(job_id, 0) for job_id in row["job_ids"]]
         row["rung"] = max((s for s in every_rung if any(u >= s for u in used)), default=None)

@@ -74,6 +74,7 @@ async def test_paused_trials_are_promoted_by_the_rule_and_the_summary_shows_rung
     assert [rows[k]["steps_used"] for k in (2, 4, 8)] == [10, 10, 10]
     assert [rows[k]["steps_saved"] for k in (2, 4, 8)] == [80, 80, 80]
     assert got["summary"]["best_point"] == {"tbptt.k1": 4}
+    assert got["summary"]["rungs"] == [10, 30, 90]
 
 
 async def test_without_pausing_a_trial_is_judged_once_on_arrival(client, make_token, db):

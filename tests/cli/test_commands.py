@@ -160,3 +160,25 @@ def test_submit_wait_shows_progress_until_done(service, tmp_path: Path):
     assert "succeeded" in waited.stdout.splitlines()[-1] and "final_train_loss=0.5" in waited.stdout
     assert "loss=1.2500" in waited.stderr or "step" in waited.stderr  # the progress bar
     assert "polling instead" not in waited.stderr  # it followed the job's event stream
+
+
+def test_sweep_early_stop_reaches_the_service(service, tmp_path: Path):
+    """`unroll sweep --early-stop KEY=V,...` sends the sweep body's early_stop; the service
+    fills in the defaults, and a key it does not know is refused naming it."""
+    url, env, engine = service
+    token = run(["token", "create", "--project", "demo"], env).stdout.strip().splitlines()[-1]
+    config = tmp_path / "base.yaml"
+    config.write_text("data: {kind: recall, length: 200}\ntrain: {max_steps: 90, eval_every: 10}\n")
+    args = ["sweep", str(config), "--grid", "tbptt.k1=4,8", "--url", url, "--token", token]
+
+    made = run([*args, "--early-stop", "min_steps=10,mode=hyperband,resume=false"], env)
+    assert made.returncode == 0, made.stderr
+    with Client(url, token) as api:
+        early = api.get_sweep(made.stdout.splitlines()[0])["early_stop"]
+    assert early["min_steps"] == 10 and early["mode"] == "hyperband" and early["resume"] is False
+    assert early["reduction_factor"] == 3 and early["max_steps"] == 90  # the defaults, filled in
+
+    unknown = run([*args, "--early-stop", "min_steps=10,patience=3"], env)
+    assert unknown.returncode != 0 and "patience" in unknown.stderr
+    malformed = run([*args, "--early-stop", "min_steps"], env)
+    assert malformed.returncode != 0 and "KEY=VALUE" in malformed.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.cli.sweep import GridError, parse_grid
+from service.cli.sweep import GridError, parse_early_stop, parse_grid
 
 
 def test_parse_grid_reads_yaml_scalars():
@@ -18,3 +18,13 @@ def test_parse_grid_reads_yaml_scalars():
     for bad in (["tbptt.k1"], ["=1,2"], ["tbptt.k1="], ["tbptt.k1=1", "tbptt.k1=2"]):
         with pytest.raises(GridError):
             parse_grid(bad)
+
+
+def test_parse_early_stop_reads_key_value_pairs():
+    assert parse_early_stop(None) is None
+    assert parse_early_stop("min_steps=100, reduction_factor=4,mode=hyperband,resume=false,metric=valid/accuracy") == {
+        "min_steps": 100, "reduction_factor": 4, "mode": "hyperband", "resume": False, "metric": "valid/accuracy",
+    }
+    for bad in ("min_steps", "=3", "min_steps=", "min_steps=1,min_steps=2"):
+        with pytest.raises(GridError):
+            parse_early_stop(bad)

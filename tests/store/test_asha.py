@@ -155,5 +155,6 @@ def test_the_summary_shows_rungs_steps_used_and_saved():
     summary = {"metric": "valid/accuracy", "goal": "max", "axes": ["tbptt.k1"], "rows": rows, "best_point": None}
     annotate(summary, early, {"a": 10, "b": 10, "c": 30, "d": 12, "e": 90, "f": 0})
     assert [(r["rung"], r["steps_used"], r["steps_saved"]) for r in rows] == [(10, 20, 160), (30, 42, 138), (90, 90, 90)]
+    assert summary["rungs"] == [10, 30, 90]  # what the dashboard marks on the curves
     table = render_table(summary).splitlines()
     assert table[0].split()[-2:] == ["rung", "steps_saved"] and table[2].split()[-2:] == ["30", "138"]

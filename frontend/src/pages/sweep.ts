@@ -6,7 +6,7 @@ import { api, ApiError, isFinal, sleep } from "../api";
 import { Chart, scaleColor, type LineSpec } from "../charts";
 import { announce, bytes, duration, errorBox, facts, h, num, progressBar, replace, stateBadge, time } from "../dom";
 import { MetricsFeed } from "../metrics";
-import type { Point, Sweep, SweepRow, SweepSummary } from "../types";
+import type { EarlyStop, Point, Sweep, SweepRow, SweepSummary } from "../types";
 import type { Page } from "./page";
 
 const POLL_MS = 3000;
@@ -32,6 +32,12 @@ function label(value: unknown): string {
 
 function pointLabel(point: Record<string, unknown>, axes: string[]): string {
   return axes.map((a) => `${a.split(".").pop()}=${label(point[a])}`).join(", ") || "base";
+}
+
+function earlyStopText(e: EarlyStop, rungs: number[]): string {
+  const rule = e.mode === "hyperband" ? "Hyperband (brackets of ASHA)" : "ASHA";
+  const then = e.resume ? "a trial not promoted is paused and may resume" : "a trial not promoted stops";
+  return `${rule}, reduction factor ${e.reduction_factor}; rungs at ${rungs.map((r) => num(r)).join(" · ")} steps; ${then}`;
 }
 
 interface Member {
@@ -105,6 +111,7 @@ export const sweepPage: Page = (root, { params, signal, onDispose }) => {
       ["Created", time(s.created_at)],
       ["Metric", summary ? `${summary.metric} (${summary.goal === "max" ? "higher" : "lower"} is better)` : null],
       ["Best point", summary?.best_point ? h("strong", {}, pointLabel(summary.best_point, summary.axes)) : null],
+      ["Early stopping", s.early_stop ? earlyStopText(s.early_stop, summary?.rungs ?? []) : null],
       ["Jobs", h("a", { href: `/?sweep=${encodeURIComponent(s.id)}` }, "list this sweep's jobs")],
     ]));
     if (!summary) {
@@ -123,11 +130,16 @@ export const sweepPage: Page = (root, { params, signal, onDispose }) => {
     const stat = (x: SweepRow["final"]) =>
       x && x.mean !== null ? h("span", {}, num(x.mean), x.std !== null && x.n > 1 ? h("span", { class: "muted" }, ` ± ${num(x.std)}`) : null, h("span", { class: "muted small" }, ` (n=${x.n})`)) : "–";
     const metricName = summary.metric.split("/").pop();
+    const early = Boolean(summary.rungs?.length);
+    const rungCells = (row: SweepRow) => (early
+      ? [h("td", { class: "num rung" }, num(row.rung ?? null)), h("td", { class: "num" }, num(row.steps_saved ?? null))]
+      : []);
     replace(table, h("table", { class: "summary" },
       h("caption", { class: "sr-only" }, `One row per grid point; ${summary.metric} as mean ± standard deviation over seeds`),
       h("thead", {}, h("tr", {},
         ...summary.axes.map((a) => h("th", { scope: "col", class: "mono" }, a)),
-        ...["Done", `Final ${metricName}`, `Best ${metricName}`, "Steps", "Wall", "Tokens/s", "Peak memory", "Clipped", "Skipped", "Jobs"]
+        ...["Done", `Final ${metricName}`, `Best ${metricName}`, "Steps", "Wall", "Tokens/s", "Peak memory", "Clipped", "Skipped",
+          ...(early ? ["Rung", "Steps saved"] : []), "Jobs"]
           .map((c) => h("th", { scope: "col" }, c)))),
       h("tbody", {}, ...summary.rows.map((row) => {
         const isBest = best !== null && JSON.stringify(row.point) === best;
@@ -144,6 +156,7 @@ export const sweepPage: Page = (root, { params, signal, onDispose }) => {
           h("td", { class: "num" }, bytes(row.peak_memory_bytes)),
           h("td", { class: "num" }, row.clipped_fraction === null ? "–" : `${(row.clipped_fraction * 100).toFixed(1)}%`),
           h("td", { class: "num" }, num(row.skipped_steps)),
+          ...rungCells(row),
           h("td", {}, ...row.job_ids.map((id, i) => h("a", { href: `/jobs/${encodeURIComponent(id)}`, class: "mono small job-link", title: id }, `#${i + 1}`))));
       }))));
   }
@@ -235,6 +248,11 @@ export const sweepPage: Page = (root, { params, signal, onDispose }) => {
       width: 1.5,
       dots: name !== "train/loss",
     }));
+    const marks = (summary.rungs ?? []).map((step, i) => ({ value: step, label: `rung ${i}` }));
+    if ((curves.element.dataset.xMarks ?? "") !== marks.map((m) => m.value).join(",")) {
+      curves.setXMarks(marks); // where trials are judged: a curve that ends at one was not promoted
+      losses.setXMarks(marks);
+    }
     const ids = list.map((m) => m.jobId).join();
     if (curves.element.dataset.members !== ids || curves.element.dataset.axis !== String(xAxis)) {
       curves.setSpecs(specs(summary.metric));

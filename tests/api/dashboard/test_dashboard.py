@@ -180,3 +180,26 @@ def test_sweep_page_compares_final_metrics_and_overlays_every_members_curves(pag
         assert pairs(shown["sweep-loss"]["series"][job_id]) == pairs(api["train/loss"])
     expect(page.locator(".color-key .key")).to_have_count(2)
     screenshot(page, "sweep")
+
+
+def test_sweep_page_draws_the_rungs_of_early_stopping(page, dashboard):
+    """A sweep with early_stop: its rule among the facts, Rung and Steps saved in the table,
+    and a dashed line at each rung on the member curves (where a trial not promoted ends)."""
+    base = config(100, name="dash-asha", train={"eval_every": 25, "checkpoint_every": 0})
+    sweep = dashboard.sweep({
+        "name": "asha-sweep", "base": base, "grid": {"tbptt.k1": [2, 16]}, "max_parallel": 1,
+        "early_stop": {"min_steps": 25, "reduction_factor": 2},
+    })
+    try:
+        page.goto(f"/sweeps/{sweep['id']}")
+        expect(page.get_by_role("heading", name="Sweep asha-sweep")).to_be_visible()
+        expect(page.locator(".overview")).to_contain_text("ASHA, reduction factor 2; rungs at 25 · 50 · 100 steps; a trial not promoted is paused")
+        headers = page.locator("table.summary thead th")
+        expect(headers.filter(has_text="Rung")).to_have_count(1)
+        expect(headers.filter(has_text="Steps saved")).to_have_count(1)
+        expect(page.locator("table.summary tbody td.rung")).to_have_count(2)
+        for chart in ("sweep-curves", "sweep-loss"):
+            expect(page.locator(f'figure[data-chart="{chart}"]')).to_have_attribute("data-x-marks", "25,50,100")
+        assert charts(page)["sweep-curves"]["xMarks"] == [25, 50, 100]
+    finally:
+        dashboard.api.post(f"/v1/sweeps/{sweep['id']}/cancel")
