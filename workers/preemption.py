@@ -18,6 +18,11 @@ POLL_S): the loop stops with `stopped = "preempted"` and checkpoints there, and
 The attempt's own outcome is recorded as `lost` with the reason "preempted by job ...", and
 the job's log and `state` event say who preempted it. The dispatcher puts it back in the
 queue at once; it resumes from that checkpoint with the losses of a run never stopped.
+
+A node drain (`unroll node drain`, service/cli/node.py) ends attempts the same way: its key
+(Keys.node_drain) names the Ray node an attempt runs on, which the callback reads in the
+same round trip as its own request, and the hand-back says which node was drained and why.
+Ray places nothing new on a draining node, so the job resumes on another.
 """
 
 from __future__ import annotations
@@ -151,8 +156,8 @@ class Preemptor:
 class PreemptStop(Callback):
     """Stops the attempt at its next update once a dispatcher asked (see the docstring)."""
 
-    def __init__(self, client: redis.Redis | None, keys: Keys, job_id: str, attempt: int):
-        self.client, self.keys, self.job_id, self.attempt = client, keys, job_id, attempt
+    def __init__(self, client: redis.Redis | None, keys: Keys, job_id: str, attempt: int, node_id: str | None = None):
+        self.client, self.keys, self.job_id, self.attempt, self.node_id = client, keys, job_id, attempt, node_id
         self.by: dict[str, Any] | None = None
         self._polled = 0.0
 
@@ -163,13 +168,19 @@ class PreemptStop(Callback):
         return PREEMPTED if self.by is not None else None
 
     def _read(self) -> dict[str, Any] | None:
+        """The request that ends this attempt: a dispatcher's for it, or its node's drain."""
+        names = [self.keys.preempt_request(self.job_id)]
+        if self.node_id is not None:
+            names.append(self.keys.node_drain(self.node_id))
         try:
-            raw = self.client.get(self.keys.preempt_request(self.job_id))
+            request, *drain = self.client.mget(names)
         except redis.RedisError as exc:  # Redis away: no request can be seen; train on
             log.warning("job %s: preemption requests unreadable: %s", self.job_id, exc)
             return None
-        found = json.loads(raw) if raw else None
-        return found if found and found.get("attempt") == self.attempt else None
+        found = json.loads(request) if request else None
+        if found and found.get("attempt") == self.attempt:
+            return found
+        return json.loads(drain[0]) if drain and drain[0] else None
 
     def hand_back(self, reporter: Any, summary: Summary) -> Summary:
         """If the loop stopped for a preemption: write the last metrics, the checkpoint and
@@ -177,8 +188,11 @@ class PreemptStop(Callback):
         The attempt's finish, which comes next, is then refused as stale: the job is queued."""
         if summary.stopped != PREEMPTED or self.by is None:
             return summary
-        who = f"job {self.by['by']} (priority {self.by['priority']})"
-        reason = f"preempted by {who}: handed back at step {summary.steps}"
+        if "node" in self.by:  # a drain (service/cli/node.py)
+            cause = f"node {self.by['node']} drained ({self.by['reason']})"
+        else:
+            cause = f"preempted by job {self.by['by']} (priority {self.by['priority']})"
+        reason = f"{cause}: handed back at step {summary.steps}"
         reporter.log(f"{reason}; it resumes from this checkpoint")
 
         def yield_slot(session: Any) -> None:

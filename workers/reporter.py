@@ -49,6 +49,13 @@ METRICS_EVENT_EVERY_S = 0.5
 LOG_EVENT_LINES = 100
 
 
+def current_node() -> str | None:
+    """The Ray node this process runs on (hex id; a drain names it), None outside Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 @dataclass(frozen=True)
 class Attempt:
     """Who is writing: one attempt of one job, and where its writes go."""
@@ -147,7 +154,9 @@ class JobReporter(Callback):
         self.keep_checkpoints = info["config"]["train"]["keep_checkpoints"]
         self._step = info["start_step"]
         resumed = f", resuming at step {info['start_step']}" if info["start_step"] else ""
+        node = current_node()
         where = f"{info['device']}{gpu_identity(info['device'])}, pid {os.getpid()}"  # for operators
+        where += f", node {node[:12]}" if node else ""
         self.log(f"attempt {self.attempt.number} on {self.attempt.worker}: {info['parameters']:,} parameters on {where}{resumed}")
 
     def on_update(self, step: int, metrics: dict[str, float | None]) -> None:

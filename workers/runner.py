@@ -17,7 +17,7 @@ from workers.attempt import (
 )
 from workers.ddp import run_group_attempt
 from workers.preemption import PreemptStop
-from workers.reporter import JobReporter
+from workers.reporter import JobReporter, current_node
 from workers.rungs import rung_stops
 
 
@@ -49,7 +49,7 @@ def run_attempt(spec: AttemptSpec) -> str:
         resume = job.load_checkpoint()
         reporter = JobReporter(job.attempt)
         # fit, plus MLflow / TensorBoard when this node's environment asks for them
-        preempt = PreemptStop(job.attempt.redis, Keys(spec.prefix), spec.job_id, spec.attempt)
+        preempt = PreemptStop(job.attempt.redis, Keys(spec.prefix), spec.job_id, spec.attempt, node_id=current_node())
         callbacks = [*service_checks(spec), *rung_stops(job.attempt, spec.job_id, reporter.log), preempt, reporter]
         return train_attempt(
             reporter,

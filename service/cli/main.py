@@ -15,6 +15,7 @@ service dependencies at start-up and `unroll --help` stays fast.
     sweep, up                  service.cli.sweep, service.cli.up
     compare                    service.cli.compare
     delete, dataset            service.cli.data
+    node list / drain          the cluster's Ray nodes (service.cli.node)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import argparse
 import sys
 import time
 
-from service.cli import admin, compare, data, sweep, up
+from service.cli import admin, compare, data, node, sweep, up
 from service.cli.common import (
     TERMINAL,
     UsageError,
@@ -350,6 +351,7 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     data.add_parser(subparsers)
     use_cli.add_parser(subparsers, resolve=_job_checkpoint)  # generate, predict, evaluate, export
     up.add_parser(subparsers)
+    node.add_parser(subparsers)
     return parser
 
 

@@ -142,6 +142,13 @@ class Keys:
     def preempt_request(self, job_id: str) -> str:
         return f"{self.prefix}:preempt:{job_id}"
 
+    # STRING (JSON {"node", "reason", "at"}, with a TTL): `unroll node drain` takes this Ray
+    # node (its hex id) out for maintenance; the attempts running there hand their slot back
+    # at their next update, like a preemption (workers.preemption), and move to other nodes.
+    # Lost: they train on where they are until the node leaves.
+    def node_drain(self, node_id: str) -> str:
+        return f"{self.prefix}:drain:{node_id}"
+
     # --- inference sessions (service.store.model_sessions) -------------------------------
     # HASH of one session: project, job, step, sha256 (the checkpoint it runs), state (the
     # serialized hidden state; empty: a fresh one). Expires UNROLL_SESSION_TTL_S after its

@@ -186,3 +186,41 @@ def test_an_api_replica_s_first_request_after_its_database_connections_drop_succ
     assert _get(replica, cluster.token, "/v1/jobs") == 200  # a pooled connection exists
     assert _terminate_database_connections(cluster.database_url) > 0
     assert [_get(replica, cluster.token, "/v1/jobs") for _ in range(3)] == [200, 200, 200]
+
+
+def _node_id(cluster, resource: str) -> str:
+    """The id `unroll node list --json` gives the node that declares `resource`."""
+    import json
+    import subprocess
+
+    done = subprocess.run(cluster.unroll(["node", "list", "--json"]), env=cluster.env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return next(node["id"] for node in json.loads(done.stdout) if resource in node["resources"])
+
+
+def test_a_drained_node_s_jobs_checkpoint_and_move_without_using_attempts(cluster, api, records):
+    """`unroll node drain NODE --wait` on a node that runs a job: the job hands back at its
+    next update (not counted: max_attempts 1 would fail it otherwise), Ray places nothing
+    new there, the node leaves once idle, and the job ends on another node with the losses
+    of an undisturbed run."""
+    import subprocess
+
+    cluster.start_node("spare", cpus=1, gpus=0)
+    cluster.wait_node("spare", joined=True)
+    config = tiny_config(LONG, seed=6, max_attempts=1)
+    ids = [api.submit(config)["id"] for _ in range(3)]  # a CPU each: spare and the others
+    moved = wait_for(lambda: [j for j in ids if records.checkpointed(j) and running_on(cluster, records, j, 1) == "spare"],
+                     90, "a job running on node spare", cluster.logs)
+    drain = subprocess.run(cluster.unroll(["node", "drain", _node_id(cluster, "cluster_spare"), "--wait", "--timeout", "120"]),
+                           env=cluster.env(), capture_output=True, text=True, timeout=180)
+    assert drain.returncode == 0, f"{drain.stdout}\n{drain.stderr}\n{cluster.logs()}"
+    assert "has left the cluster" in drain.stdout
+    for job_id in ids:
+        job = records.assert_exactly_once(job_id, config, cluster.logs)
+        if job_id in moved:
+            first, second = records.attempts(job_id)
+            assert first.outcome.value == "lost" and "drained (maintenance)" in first.error, first.error
+            assert second.outcome.value == "succeeded" and job.attempt == 2
+            assert records.resumed(job_id) and running_on(cluster, records, job_id, 2) != "spare", records.runs(job_id)
+    cluster.wait_node("spare", joined=False)  # it left by itself once idle
+    cluster.nodes["spare"].kill()

@@ -137,3 +137,53 @@ def test_only_attempts_that_can_hand_back_are_preemptible():
     assert not preemptible({"resources": {"workers": 2}})
     assert not preemptible({"kind": "evaluate", "evaluate": {"job": "job_x"}})
 
+
+def test_a_drained_node_s_attempt_hands_back_uncounted_and_resumes_with_identical_losses(stack):
+    """The drain mark `unroll node drain` sets (Keys.node_drain, on the node the attempt's
+    start line names): the attempt checkpoints and hands back like a preemption, without
+    spending max_attempts; once the node is usable again (here: the mark removed; in a
+    cluster: another node, tests/cluster) it resumes bit for bit."""
+    import re
+
+    config = tiny_config(2000, train={"max_steps": 2000, "eval_every": 1000, "checkpoint_every": 100, "seed": 5, "device": "cpu"})
+    config["max_attempts"] = 1
+    nodes = [n["id"] for n in _nodes(stack)]  # asked first: it takes seconds, the job not many more
+    stack.start_worker()
+    job_id = stack.submit(config)
+    stack.wait(job_id, {JobState.RUNNING}, step=20)
+    with stack.sessions.begin() as session:
+        start = next(log.line for log in repo.read_logs(session, job_id) if log.line.startswith("attempt 1 on "))
+    node = re.search(r", node ([0-9a-f]{12})", start)
+    assert node, start
+    client = redis.Redis.from_url(stack.redis_url)
+    keys = Keys(stack.prefix)
+    try:
+        full = next(n for n in nodes if n.startswith(node.group(1)))
+        client.set(keys.node_drain(full), json.dumps({"node": node.group(1), "reason": "kernel upgrade", "at": time.time()}), ex=60)
+        deadline = time.monotonic() + 60
+        while stack.job(job_id).attempt < 2 and time.monotonic() < deadline:  # handed back, and claimed again
+            time.sleep(0.1)
+        client.delete(keys.node_drain(full))
+    finally:
+        client.close()
+    job = stack.wait(job_id, TERMINAL, timeout=180)
+    assert job.state == JobState.SUCCEEDED, (job.error, stack.worker_logs())
+    with stack.sessions.begin() as session:
+        first, *later = states.list_attempts(session, job_id)
+        lines = [log.line for log in repo.read_logs(session, job_id)]
+    assert first.outcome.value == "lost" and f"node {node.group(1)} drained (kernel upgrade)" in first.error, first.error
+    assert later[-1].outcome.value == "succeeded"  # max_attempts 1: the drain was not counted
+    assert any("drained (kernel upgrade): handed back at step" in line for line in lines)
+    got = stack.losses(job_id)
+    assert sorted(got) == list(range(1, 2001)) and got == undisturbed_losses(config)
+
+
+def _nodes(stack) -> list[dict]:
+    """`unroll node list --json`: the cluster's alive nodes."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "service.cli", "node", "list", "--json"], env=stack.env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
