@@ -100,9 +100,9 @@ def open_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     overrides = {}
     if settings.database_url.startswith(("postgres://", "postgresql")):
         # No pre-ping: on asyncpg it costs three round trips (BEGIN, ping, ROLLBACK) per
-        # checkout, more than a submission's own write. A connection the server dropped
-        # fails its request with a 503 instead and is discarded (invalidated), so after a
-        # database restart each pooled connection costs one failed request.
+        # checkout, more than a submission's own write. A pooled connection the server
+        # dropped (a restart) is skipped at checkout all the same, without a round trip:
+        # asyncpg has read the server's goodbye on the event loop (session._skip_closed).
         overrides = {
             "pool_size": settings.db_pool_size,
             "max_overflow": settings.db_max_overflow,

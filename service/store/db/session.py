@@ -180,7 +180,19 @@ def make_async_engine(url: str | URL | None = None, **overrides: Any) -> AsyncEn
     url = async_url(url or get_settings().database_url)
     engine = create_async_engine(url, **_engine_options(url, is_async=True, foreign_keys=True, overrides=overrides))
     _install_hooks(engine.sync_engine, url, True)
+    if url.get_backend_name() == "postgresql":
+        sa.event.listen(engine.sync_engine.pool, "checkout", _skip_closed)
     return engine
+
+
+def _skip_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """A pooled asyncpg connection the server has closed (a restart, pg_terminate_backend)
+    knows it already: the event loop read the server's goodbye while it sat idle. Handing it
+    out would fail its request, so the pool discards it and connects anew (SQLAlchemy retries
+    a checkout that raises DisconnectionError). No round trip, unlike pool_pre_ping."""
+    driver = getattr(dbapi_connection, "driver_connection", None)
+    if driver is not None and driver.is_closed():
+        raise sa.exc.DisconnectionError("the server closed this pooled connection")
 
 
 # One engine per process, created on first use. A forked child (e.g. a worker process)

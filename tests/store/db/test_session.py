@@ -3,6 +3,8 @@ and losing the database surfacing as DatabaseUnavailable."""
 
 from __future__ import annotations
 
+import asyncio
+
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,20 @@ def test_pooled_connections_the_server_dropped_are_replaced(postgresql_url: str)
     with engine.connect() as conn:
         assert _backend_pid(conn) != pid
     engine.dispose()
+
+
+async def test_an_api_pool_without_pre_ping_skips_connections_the_server_dropped(postgresql_url: str) -> None:
+    # The API's pool (service/api/runtime.py) has no pre-ping: a pooled asyncpg connection
+    # the server ended (a restart) must still not be handed to a request, which would
+    # answer 503: it knows it is closed once the event loop has read the server's goodbye.
+    engine = make_async_engine(postgresql_url, pool_pre_ping=False, pool_size=1, max_overflow=0)
+    async with engine.connect() as conn:
+        pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
+    await asyncio.to_thread(_terminate, postgresql_url, pid)
+    await asyncio.sleep(0.2)  # the loop runs meanwhile, as a serving API's does
+    async with engine.connect() as conn:
+        assert (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar() != pid
+    await engine.dispose()
 
 
 def test_session_scope_commits_or_rolls_back(db_url: str, session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
