@@ -18,6 +18,7 @@ import pytest
 from tests.cluster.harness import Cluster
 from tests.cluster.jobs import Records, Replicas
 from tests.cluster.layout import read_layout
+from tests.conftest import RedisServer
 from tests.processes import create_postgres_database, drop_postgres_database
 
 
@@ -34,8 +35,26 @@ def cluster_database() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory, cluster_database: str, redis_url: str) -> Iterator[Cluster]:
-    running = Cluster(tmp_path_factory.mktemp("cluster"), cluster_database, redis_url, read_layout())
+def cluster_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | None]:
+    """A redis-server of the cluster's own, which a scenario may crash and restart; None
+    where none can start (the cluster then uses the shared one, and that scenario skips)."""
+    try:
+        server = RedisServer(tmp_path_factory.mktemp("cluster-redis")).start()
+    except RuntimeError:
+        yield None
+        return
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory, cluster_database: str, cluster_redis: RedisServer | None,
+            redis_url: str) -> Iterator[Cluster]:
+    url = cluster_redis.url if cluster_redis is not None else redis_url
+    running = Cluster(tmp_path_factory.mktemp("cluster"), cluster_database, url, read_layout())
+    running.redis_server = cluster_redis
     try:
         running.start(gpu_node=False)
         yield running

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -98,6 +99,7 @@ class Cluster:
         self.dispatchers: list[Service] = []
         self.token = ""
         self.redis = redis.Redis.from_url(redis_url)
+        self.redis_server: Any = None  # a private redis-server (tests.conftest.RedisServer) to restart, if any
 
     # -- processes -------------------------------------------------------------------------
 
