@@ -59,21 +59,22 @@ class AddingData(Section):
 
 
 SHA256 = Field(None, pattern=r"^[0-9a-f]{64}$")
-DATASET_ID = r"^[A-Za-z0-9_-]{1,64}$"
+# The id of a job or an uploaded dataset (job_..., ds_...): also a folder name in the artifact store.
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class TextData(Section):
     kind: Literal["text"]
     batch_size: int = Field(32, ge=1)
     path: str | None = None
-    dataset: str | None = Field(None, pattern=DATASET_ID)  # id of an uploaded dataset, resolved to a path by the service
+    dataset: str | None = Field(None, pattern=ID_PATTERN)  # id of an uploaded dataset, resolved to a path by the service
     # The training file's sha256: the service records an upload's here; when set, the
     # worker refuses a file with other bytes (a rerun proves it trained on the same data).
     sha256: str | None = SHA256
     tokenizer: Literal["char", "word"] = "char"
     document_separator: str = "\n\n"
     valid_path: str | None = None
-    valid_dataset: str | None = Field(None, pattern=DATASET_ID)  # an uploaded validation file (instead of valid_path)
+    valid_dataset: str | None = Field(None, pattern=ID_PATTERN)  # an uploaded validation file (instead of valid_path)
     valid_sha256: str | None = SHA256
     valid_fraction: float = Field(0.1, gt=0.0, lt=1.0)
 
@@ -91,7 +92,7 @@ class TimeseriesData(Section):
     kind: Literal["timeseries"]
     batch_size: int = Field(32, ge=1)
     path: str | None = None
-    dataset: str | None = Field(None, pattern=DATASET_ID)
+    dataset: str | None = Field(None, pattern=ID_PATTERN)
     sha256: str | None = SHA256  # as for text
     columns: list[str] | None = None  # input features; default: every numeric column
     target: str
@@ -244,7 +245,7 @@ class EvaluateConfig(Section):
     """`kind: evaluate`: a trained job's model run over the data section's file (text or
     timeseries, any length, window by window with carried state), as its validation runs."""
 
-    job: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # a job of the same project
+    job: str = Field(pattern=ID_PATTERN)  # a job of the same project
     step: int | None = Field(None, ge=0, le=2**63 - 1)  # its checkpoint (the service pins the latest when absent)
     batch_size: int | None = Field(None, ge=1)  # parallel streams; default the job's data.batch_size
 

@@ -210,13 +210,23 @@ def _read_text(path: Path) -> str:
 # -- time series ----------------------------------------------------------------------
 
 
-def timeseries_streams(cfg: TimeseriesData, path: Path, batch_size: int):
-    """One-step-ahead forecasting of `target` from `columns`, z-scored on the train split."""
+def read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    """The header and the rows of a CSV file (both empty for an empty file)."""
     with path.open(newline="") as fh:
         rows = list(csv.reader(fh))
-    if len(rows) < 3:
+    return (rows[0], rows[1:]) if rows else ([], [])
+
+
+def train_rows(rows: int, valid_fraction: float) -> int:
+    """How many of a table's first rows are training's; the rest are validation's."""
+    return int(rows * (1 - valid_fraction))
+
+
+def timeseries_streams(cfg: TimeseriesData, path: Path, batch_size: int):
+    """One-step-ahead forecasting of `target` from `columns`, z-scored on the train split."""
+    header, body = read_csv(path)
+    if len(body) < 2:
         raise ConfigError([("data.path", "a CSV with a header and at least two rows is needed")])
-    header, body = rows[0], rows[1:]
     numeric = [name for j, name in enumerate(header) if all(_is_float(r[j]) for r in body if j < len(r))]
     columns = cfg.columns or numeric
     for field, names in (("data.columns", columns), ("data.target", [cfg.target])):
@@ -226,7 +236,7 @@ def timeseries_streams(cfg: TimeseriesData, path: Path, batch_size: int):
             if name not in numeric:
                 raise ConfigError([(field, f"column {name!r} is not numeric")])
     table = torch.tensor([[float(r[header.index(c)]) for c in columns + [cfg.target]] for r in body], dtype=torch.float32)
-    n_train = int(len(table) * (1 - cfg.valid_fraction))
+    n_train = train_rows(len(table), cfg.valid_fraction)
     mean, std = table[:n_train].mean(0), table[:n_train].std(0).clamp_min(1e-8)
     normalization = Normalization(list(columns), cfg.target, mean, std)
     table = normalization.apply(table)

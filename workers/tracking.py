@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from service.store import sweeps
 from trainer import loop
 from trainer.config import ConfigError, JobConfig, config_dict
 from trainer.loop import Callback, NonFiniteError, Summary
@@ -79,16 +80,9 @@ def for_job(job_id: str, attempt: int, config: dict[str, Any], env: dict[str, st
     return trackers
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"tbptt": {"k1": 24}} -> {"tbptt.k1": "24"}; lists as their text."""
-    flat: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = str(value)[:MAX_PARAM_CHARS]
-    return flat
+def flatten(config: dict[str, Any]) -> dict[str, str]:
+    """{"tbptt": {"k1": 24}} -> {"tbptt.k1": "24"}: the config's leaves as parameter text."""
+    return {path: str(value)[:MAX_PARAM_CHARS] for path, value in sweeps.flatten(config).items()}
 
 
 class MlflowTracker(Callback):

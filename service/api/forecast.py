@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from trainer.data import read_csv, train_rows
 from trainer.inference import Model
 
 DATASET_CACHE = Path(tempfile.gettempdir()) / "unroll-datasets"  # uploads in a remote store, fetched once
@@ -38,19 +39,17 @@ def validation_forecast(model: Model, path: Path, valid_fraction: float, rows: i
         raise Unavailable(f"the job's data file is {size / 2**20:,.0f} MiB; the page draws forecasts for files up to "
                           f"{MAX_FILE_BYTES / 2**20:,.0f} MiB (use `unroll predict` or trainer.load for larger ones)")
     try:
-        with path.open(newline="") as fh:
-            table = list(csv.reader(fh))
+        header, body = read_csv(path)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise Unavailable(f"the job's data file cannot be read as CSV any more ({type(exc).__name__})") from None
-    if not table:
+    if not header:
         raise Unavailable("the job's data file is empty now")
-    header, body = table[0], table[1:]
     names = [*model.columns, model.target]
     missing = [n for n in names if n not in header]
     if missing:
         raise Unavailable(f"the data file has no column {missing[0]!r} any more")
     at = [header.index(n) for n in names]
-    start = int(len(body) * (1 - valid_fraction))  # the split of training (trainer.data)
+    start = train_rows(len(body), valid_fraction)  # the split of training
     try:  # only the rows drawn are converted
         valid = torch.tensor([[float(r[j]) for j in at] for r in body[start : start + rows + 1]], dtype=torch.float32)
     except (ValueError, IndexError):

@@ -30,6 +30,7 @@ import httpx
 
 from service.cli.errors import ApiError  # noqa: F401  (the client's errors: `from service.cli.client import ApiError`)
 from service.store.lifecycle import TERMINAL_STATE_NAMES
+from trainer.config import ID_PATTERN
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 CONFIG_ENV = "UNROLL_CLIENT_CONFIG"
@@ -196,7 +197,7 @@ class Client:
         """The job's model as a local file, downloaded once into folder/<job>/ (default
         .unroll/models) and checked against its sha256: the model artifact of a completed
         job (`train.model`: last or best), else its latest checkpoint."""
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", job_id):
+        if not re.fullmatch(ID_PATTERN, job_id):
             raise ApiError(404, "not_found", f"job {job_id!r} not found")
         base = Path(folder if folder is not None else DEFAULT_MODELS_PATH) / job_id
         model = (self.get(job_id).get("summary") or {}).get("model")

@@ -63,6 +63,21 @@ def task_metric(config: dict[str, Any]) -> tuple[str, str]:
     return TASK_METRICS.get(kind, ("valid/loss", "min"))
 
 
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted.path: value} of every leaf of a nested mapping (a list, or an empty mapping,
+    is one leaf): get_path's inverse. {"tbptt": {"k1": 24}} -> {"tbptt.k1": 24}."""
+    if not isinstance(config, dict):
+        return {prefix: config}
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
 def get_path(config: dict[str, Any], path: str) -> Any:
     """config["a"]["b"] for "a.b"; None when any part is missing."""
     node: Any = config

@@ -31,10 +31,11 @@ from service.api.schemas import MetricPoint, StateName, public_summary
 from service.store import limits, sweeps
 from service.store.db import repo
 from service.store.db.models import Job, JobState
+from trainer.config import ID_PATTERN
 
 router = APIRouter(prefix="/v1/compare", tags=["jobs"])
 
-_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_JOB_ID = re.compile(ID_PATTERN)
 _METRIC_MAX = 200  # the column's width (models.Metric.name)
 # Read for every job unless `metrics` says otherwise, with the task's metric of each.
 DEFAULT_METRICS = ("train/loss", "valid/loss")
@@ -209,20 +210,6 @@ def _compared(job: Job, final: dict[str, MetricPoint]) -> ComparedJob:
 # --- the two comparisons (pure) ---------------------------------------------------------------
 
 
-def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    """{dotted.path: value} of every leaf of a nested mapping (a list is one leaf)."""
-    if not isinstance(config, dict):
-        return {prefix: config}
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, path))
-        else:
-            out[path] = value
-    return out
-
-
 def _same(values: list[Any]) -> bool:
     texts = {json.dumps(v, sort_keys=True) for v in values}
     return len(texts) == 1
@@ -231,7 +218,7 @@ def _same(values: list[Any]) -> bool:
 def config_differences(configs: dict[str, dict[str, Any]]) -> list[ConfigDifference]:
     """The paths whose values are not equal across the configs (a path missing from some
     config counts as a difference), in the order the paths first appear."""
-    flat = {job_id: flatten(config or {}) for job_id, config in configs.items()}
+    flat = {job_id: sweeps.flatten(config or {}) for job_id, config in configs.items()}
     paths: dict[str, None] = {}
     for leaves in flat.values():
         paths.update(dict.fromkeys(leaves))
