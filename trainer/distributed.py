@@ -116,6 +116,12 @@ class Sync:
         loss, correct, count = sums.tolist()
         return {"loss": loss / max(count, 1), "correct": correct / max(count, 1), "count": count}
 
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over ranks (a new tensor, where `t` lives)."""
+        total = t.to(self.device, copy=True)
+        dist.all_reduce(total)
+        return total.to(t.device)
+
     # -- scalars -------------------------------------------------------------------------
 
     def max(self, value: float) -> float:

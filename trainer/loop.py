@@ -135,6 +135,7 @@ class DataParallel(Protocol):
 
     def attach(self, trainer: Trainer) -> None: ...
     def count(self, local: int) -> int: ...
+    def sum(self, t: torch.Tensor) -> torch.Tensor: ...  # summed over ranks
     def any(self, flag: bool) -> bool: ...
     def reduce_gradients(self, params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor: ...
     def evaluate(self, runner: Runner, valid: Streams, device: torch.device) -> dict[str, float]: ...
@@ -225,9 +226,9 @@ class Trainer:
         return self.truncation.choose(position, length) if self.truncation is not None else Choice(*self.window_length())
 
     def _measure_lags(self, start: int, end: int) -> torch.Tensor | None:
-        """Mode adaptive: per-lag gradient norms over (start, end]; rank 0's on every rank."""
-        phi = measure_ahead(self.runner, self.streams, self.device, self.cursor.kept_position, self.cursor.kept, start, end)
-        return self.sync.broadcast_object(phi) if self.sync is not None else phi
+        """Mode adaptive: per-lag gradient norms over (start, end], over every rank's streams."""
+        total = self.sync.sum if self.sync is not None else None  # every rank's streams
+        return measure_ahead(self.runner, self.streams, self.device, self.cursor.kept_position, self.cursor.kept, start, end, total)
 
     def total_steps(self) -> int:
         train = self.config.train

@@ -78,6 +78,19 @@ def lag_norms(runner: Runner, window: Window, base: int, start: int, end: int, s
     layers, and an LSTM's cells, as one vector). Streams reach only lags inside the window;
     a lag no stream reaches is NaN. One backward pass; the window runs step by step (a
     measurement, not training: each step is one `Runner.segment`)."""
+    return lag_mean(lag_norm_sums(runner, window, base, start, end, state))
+
+
+def lag_mean(sums: torch.Tensor) -> torch.Tensor:
+    """φ from `lag_norm_sums` (of one process, or summed over data-parallel ranks)."""
+    total, counts = sums
+    return torch.where(counts > 0, total / counts.clamp(min=1), torch.full_like(total, math.nan))
+
+
+def lag_norm_sums(runner: Runner, window: Window, base: int, start: int, end: int, state: State) -> torch.Tensor:
+    """(2, n) float64 on the CPU: per lag, the sum over streams of the norms `lag_norms`
+    averages, and how many streams reach that lag. Sums add across data-parallel ranks, so
+    N ranks measure exactly what one process with all the streams does."""
     n = end - start
     scored = window.scored[start - base : end - base]  # (n, B)
     has = scored.any(dim=0)
@@ -94,7 +107,7 @@ def lag_norms(runner: Runner, window: Window, base: int, start: int, end: int, s
                 targets = seg.targets.masked_fill(~pick, IGNORE) if seg.targets.dtype == torch.long else seg.targets
                 losses.append(loss_sum(seg.pred, targets, seg.scored & pick))
     if not losses:
-        return torch.full((n,), math.nan, dtype=torch.float64, device="cpu")
+        return torch.zeros((2, n), dtype=torch.float64, device="cpu")
     flat = [s for st in states for s in (st if isinstance(st, tuple) else (st,))]
     grads = torch.autograd.grad(torch.stack(losses).sum(), flat, allow_unused=True)
     per_state = len(flat) // n
@@ -107,15 +120,17 @@ def lag_norms(runner: Runner, window: Window, base: int, start: int, end: int, s
     rows = last.view(1, -1) - lags  # (lag, B)
     valid = (rows >= 0) & has.view(1, -1)
     norms = squares.sqrt().to(last.device).gather(0, rows.clamp(min=0))
-    counts = valid.sum(dim=1)
-    phi = (norms * valid).sum(dim=1) / counts.clamp(min=1)
-    return torch.where(counts > 0, phi, torch.full_like(phi, math.nan)).double().cpu()
+    return torch.stack([(norms * valid).sum(dim=1).double(), valid.sum(dim=1).double()]).cpu()
 
 
-def measure_ahead(runner: Runner, streams: Streams, device: torch.device, kept_position: int, kept: State, start: int, end: int) -> torch.Tensor | None:
+def measure_ahead(
+    runner: Runner, streams: Streams, device: torch.device, kept_position: int, kept: State, start: int, end: int,
+    total: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor | None:
     """`lag_norms` over the steps (start, end] ahead of the streams' cursor, from the carried
     state (kept at kept_position <= start), in eval mode: no dropout, so no random numbers
-    are drawn and the trajectory changes only through the k2 chosen. None under 3 steps."""
+    are drawn and the trajectory changes only through the k2 chosen. None under 3 steps.
+    `total` sums the per-lag sums over data-parallel ranks (each measures its own streams)."""
     if end - start < 3:
         return None
     window = streams.window(kept_position, end).to(device)
@@ -124,7 +139,8 @@ def measure_ahead(runner: Runner, streams: Streams, device: torch.device, kept_p
     model.eval()
     try:
         state = runner.advance(window, kept_position, kept_position, start, kept)
-        return lag_norms(runner, window, kept_position, start, end, state)
+        sums = lag_norm_sums(runner, window, kept_position, start, end, state)
+        return lag_mean(total(sums) if total is not None else sums)
     finally:
         model.train(was_training)
 

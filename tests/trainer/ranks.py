@@ -24,12 +24,15 @@ class Recorder(Callback):
         self.losses: dict[int, float | None] = {}
         self.norms: dict[int, float | None] = {}
         self.valid: dict[int, float | None] = {}
+        # adaptive's k2 and decay rate, unbiased's truncation length
+        self.truncation: dict[int, tuple[float | None, float | None, float | None]] = {}
         self.checkpoints: dict[int, bytes] = {}
         self.summary: dict | None = None
 
     def on_update(self, step, metrics):
         self.losses[step] = metrics["train/loss"]
         self.norms[step] = metrics["train/grad_norm"]
+        self.truncation[step] = tuple(metrics.get(f"train/{name}") for name in ("k2", "decay_rate", "truncation_length"))
 
     def on_eval(self, step, metrics):
         self.valid[step] = metrics["valid/loss"]
@@ -51,7 +54,7 @@ def _rank_main(rank: int, world: int, init: str, config: dict, resume: bytes | N
         state = sync.local_checkpoint(ckpt.from_bytes(resume)) if resume else None
         summary = fit(config, [GroupCallbacks(sync, inner)], resume=state, sync=sync)
         torch.save(
-            {"losses": rec.losses, "norms": rec.norms, "valid": rec.valid, "checkpoints": rec.checkpoints,
+            {"losses": rec.losses, "norms": rec.norms, "valid": rec.valid, "truncation": rec.truncation, "checkpoints": rec.checkpoints,
              "summary": rec.summary if rank == 0 else summary.to_dict()},
             Path(out) / f"rank{rank}.pt",
         )
@@ -77,4 +80,4 @@ def run_single(config: dict, resume: bytes | None = None, stop_at: int | None = 
     rec = Recorder()
     callbacks: list[Callback] = [rec] + ([StopAt(stop_at)] if stop_at else [])
     fit(config, callbacks, resume=ckpt.from_bytes(resume) if resume else None)
-    return {"losses": rec.losses, "norms": rec.norms, "valid": rec.valid, "checkpoints": rec.checkpoints, "summary": rec.summary}
+    return {"losses": rec.losses, "norms": rec.norms, "valid": rec.valid, "truncation": rec.truncation, "checkpoints": rec.checkpoints, "summary": rec.summary}

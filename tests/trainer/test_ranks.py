@@ -61,6 +61,29 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert ranks[0]["summary"]["peak_memory_bytes"] >= ranks[1]["summary"]["peak_memory_bytes"]
 
 
+
+@pytest.mark.parametrize("tbptt", [
+    {"mode": "adaptive", "k1": 4, "k_min": 2, "k_max": 12, "adapt_every": 4},
+    {"mode": "unbiased", "k1": 4, "k_min": 2},
+], ids=["adaptive", "unbiased"])
+def test_truncation_that_chooses_itself_is_the_same_on_two_ranks(tmp_path, tbptt):
+    """Adaptive TBPTT measures the gradient's decay over every rank's streams (summed, as
+    one process with all of them would), and unbiased TBPTT draws its truncations from the
+    window generator every rank shares: two ranks choose the same k2 (and decay rate) or
+    truncation length at every update as one process, and train the same."""
+    cfg = config(tbptt=tbptt)
+    cfg["tbptt"] = tbptt
+    single = run_single(cfg)
+    ranks = run_group(2, cfg, tmp_path)
+    close(ranks[0]["losses"], single["losses"])
+    chosen = single["truncation"]
+    assert len({t[0] or t[2] for t in chosen.values()}) > 1  # the truncation did change
+    assert chosen.keys() == ranks[0]["truncation"].keys()
+    for step, (k2, beta, length) in chosen.items():
+        theirs = ranks[0]["truncation"][step]
+        assert (theirs[0], theirs[2]) == (k2, length), step
+        assert (beta is None) == (theirs[1] is None) and (beta is None or abs(beta - theirs[1]) <= 1e-6), (step, beta, theirs[1])
+
 def test_adding_with_documents_and_unscored_windows(tmp_path):
     # Episodes reset the state per stream; most windows score nothing (null loss).
     cfg = config(
