@@ -126,7 +126,7 @@ class Dispatcher:
         self.redis = aioredis.Redis.from_url(self.settings.redis_url)
         self.queue = JobQueue(self.redis, prefix)
         self.running: dict[str, Running] = {}
-        self.pending_reasons: dict[str, str | None] = {}
+        self.pending_reasons: dict[str, tuple[int, str | None]] = {}
         self._capacity = asyncio.Event()
         self._remote: Any = None
         self._last_reconcile = 0.0
@@ -239,7 +239,7 @@ class Dispatcher:
             await self.queue.ack(job_id, self.name)  # not runnable now; the reconciler re-offers it when due
             return
         if job["sweep_full"]:
-            await self._set_reason(job_id, f"its sweep already runs max_parallel={job['sweep_full']} jobs")
+            await self._set_reason(job_id, job["attempt"], f"its sweep already runs max_parallel={job['sweep_full']} jobs")
             await self.queue.release(job_id, self.name, job["priority"])
             await self._wait_for_capacity()
             return
@@ -247,18 +247,18 @@ class Dispatcher:
         cpus, gpus = needs.cpus * needs.workers, needs.gpus * needs.workers
         over = self.fair.check(job["project_id"], cpus, gpus)
         if over is not None:  # its project is back in the queue's choice after the next read
-            await self._set_reason(job_id, over)
+            await self._set_reason(job_id, job["attempt"], over)
             await self.queue.release(job_id, self.name, job["priority"])
             return
         totals = (await asyncio.to_thread(self._cluster)).nodes
         if not needs.fits_nodes(totals):
             biggest = max(totals, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
-            await self._set_reason(job_id, f"no node can hold {needs.describe()} (largest node: {biggest.get('CPU', 0):g} CPU, {biggest.get('GPU', 0):g} GPU)")
+            await self._set_reason(job_id, job["attempt"], f"no node can hold {needs.describe()} (largest node: {biggest.get('CPU', 0):g} CPU, {biggest.get('GPU', 0):g} GPU)")
             await self.queue.ack(job_id, self.name)
             return
         if not needs.fits(free := await self.free()) or not await asyncio.to_thread(needs.reserve):
             await self._preempt_for(job_id, job["priority"], needs, free)
-            await self._set_reason(job_id, f"waiting for {needs.describe()} to be free")
+            await self._set_reason(job_id, job["attempt"], f"waiting for {needs.describe()} to be free")
             await self.queue.release(job_id, self.name, job["priority"])
             await self._wait_for_capacity()
             return
@@ -282,7 +282,7 @@ class Dispatcher:
         self.running[job_id] = Running(job_id, attempt, ref, needs, priority=job["priority"], project_id=job["project_id"], preemptible=job["preemptible"])
         await self.queue.ack(job_id, self.name)
         self.metrics.attempts_started.inc()
-        if job["first_attempt"]:
+        if job["attempt"] == 0:
             self.metrics.dispatch_latency.observe(max(0.0, (utcnow() - job["created_at"]).total_seconds()))
         log.info("job %s attempt %d started (%s)", job_id, attempt, needs.describe(), extra=_ctx(job_id, attempt, self.name))
         asyncio.create_task(self._watch(self.running[job_id]))
@@ -322,9 +322,9 @@ class Dispatcher:
             view = self._cluster_view = ClusterView(node_totals(), ray.cluster_resources(), time.monotonic())
         return view
 
-    async def _set_reason(self, job_id: str, reason: str | None) -> None:
-        if self.pending_reasons.get(job_id) != reason:
-            self.pending_reasons[job_id] = reason
+    async def _set_reason(self, job_id: str, attempt: int, reason: str | None) -> None:
+        if self.pending_reasons.get(job_id) != (attempt, reason):  # written once per attempt number
+            self.pending_reasons[job_id] = (attempt, reason)
             await self.db(repo.set_pending_reason, job_id, reason)
 
     async def _watch(self, run: Running) -> None:
@@ -464,7 +464,7 @@ def _brief(session: Session, job_id: str) -> dict[str, Any]:
         # The stored config was validated at submission: its typed resources, with the
         # trainer's own defaults, say what the attempt reserves.
         "needs": Needs.of(parse_config(job.config).resources) if claimable else None,
-        "first_attempt": job.attempt == 0,
+        "attempt": job.attempt,  # a claim raises it: a reason said before is gone (claims clear it)
         "created_at": job.created_at,
         "preemptible": preemption.preemptible(job.config),
     }

@@ -146,3 +146,34 @@ async def test_a_sweep_reads_running_until_its_rule_can_resume_nothing(client, m
     db.commit()
     assert await state() == "succeeded" and early_stop.unsettled(db) == []
     assert repo.get_job(db, ids[0]).summary["stopped"] == "early"  # stopped for good at rung 10
+
+
+async def test_a_pending_reason_is_said_again_after_another_dispatcher_claimed_the_job(client, make_token, db, settings):
+    """A claim clears a job's pending_reason in the database. A dispatcher that said the
+    reason before the job ran elsewhere (and came back queued) must say it again, not take
+    its memory for the database's: the reason is remembered per attempt number."""
+    token = make_token()
+    body = {"base": BASE, "grid": {"tbptt.k1": [2, 4]}, "max_parallel": 1}
+    r = await client.post("/v1/sweeps", json=body, headers=auth(token))
+    running, waiting = [row["job_id"] for row in r.json()["jobs"]]
+    states.claim(db, running, "elsewhere", 600)  # the sweep's one slot is taken
+    db.commit()
+    dispatcher = Dispatcher(settings, name="reason-test")  # no Ray needed before resources are read
+
+    async def reason() -> str | None:
+        await dispatcher.place(waiting)
+        db.expire_all()
+        return repo.get_job(db, waiting).pending_reason
+
+    try:
+        assert await reason() == "its sweep already runs max_parallel=1 jobs"
+        # Another dispatcher ran the waiting job meanwhile (its claim cleared the reason);
+        # the attempt was lost and the job is queued again behind the sweep's limit.
+        attempt = states.claim(db, waiting, "another", 600)
+        assert repo.get_job(db, waiting).pending_reason is None
+        assert states.requeue_lost(db, waiting, attempt, reason="node lost", require_expired=False)
+        db.commit()
+        assert await reason() == "its sweep already runs max_parallel=1 jobs"
+    finally:
+        await dispatcher.redis.aclose()
+        dispatcher.sessions.kw["bind"].dispose()
