@@ -24,6 +24,7 @@ from service.store.db import repo
 from service.store.db.base import unstorable
 from service.store.db.errors import NotFound
 from service.store.quotas import NO_QUOTA, Quota
+from service.store.sweeps import get_path
 from service.store.settings import Settings
 from trainer.config import (
     ConfigError,
@@ -89,6 +90,8 @@ def check_config(raw: Any, settings: Settings, prefix: str = "", quota: Quota = 
         raise Invalid(f"{prefix}train.max_steps", f"must be <= {MAX_STEPS_LIMIT}")
     table = limits.effective(settings.limits)
     for field, message in limits.violations(config, table):
+        if isinstance(raw, dict) and get_path(raw, field) is None:  # the config's own default broke it
+            message += f"; {field} was not set, and the default the config gives it is over the limit: set it"
         raise Invalid(f"{prefix}{field}", message)
     if config.train.max_wall_s is None:  # every job ends: a job that sets no limit gets the deployment's
         config.train.max_wall_s = table["train.max_wall_s"].high

@@ -179,6 +179,18 @@ async def test_a_field_past_its_limit_is_a_422_naming_it(client, make_token, ove
     assert response.status_code == 422 and response.json()["error"]["field"] == field, response.text
 
 
+async def test_a_default_past_its_limit_says_so(client, make_token):
+    """Adaptive TBPTT's k_max defaults to 4·k1: past tbptt.k_max's limit, the 422 names the
+    field the caller did not send and says it was the default."""
+    body = {**JOB, "tbptt": {"mode": "adaptive", "k1": 30_000}}
+    response = await client.post("/v1/jobs", json=body, headers=auth(make_token()))
+    error = response.json()["error"]
+    assert response.status_code == 422 and error["field"] == "tbptt.k_max", response.text
+    assert "was not set" in error["message"] and "must be <= 100,000" in error["message"], error
+    body["tbptt"]["k_max"] = 100_000  # set within the limit: accepted
+    assert (await client.post("/v1/jobs", json=body, headers=auth(make_token()))).status_code == 201
+
+
 async def test_an_operator_raises_a_limit(client, make_token, settings):
     settings.limits = {"max_attempts": 50}
     assert (await client.post("/v1/jobs", json={**JOB, "max_attempts": 50}, headers=auth(make_token()))).status_code == 201
