@@ -27,7 +27,7 @@ from tests.cluster.jobs import tiny_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(240)]
 
-LONG = 300  # updates: 8-25 s on one CPU here (a checkpoint every 10), far from the end when killed
+LONG = 300  # updates: 3-25 s on one CPU here (a checkpoint every 10), far from the end when killed
 KILL_AT = 12  # past the first checkpoint: a resumed attempt starts at step 10
 
 
@@ -44,8 +44,15 @@ def waiting_because(records, job_id: str, attempt: int, words: str) -> Job | Non
     return job if job.state == JobState.QUEUED and job.attempt == attempt and words in (job.pending_reason or "") else None
 
 
+def described(job: Job) -> str:
+    """What a scenario's timeout says of the job it waited for."""
+    return f"job {job.id}: {job.state.value}, attempt {job.attempt}, pending_reason {job.pending_reason!r}, not_before {job.not_before}"
+
+
 def test_a_gpu_job_waits_for_a_gpu_node_runs_there_and_waits_again_while_it_is_gone(cluster, api, records):
-    config = tiny_config(LONG, resources={"cpus": 1, "gpus": 1})
+    # Alone on its node it trains 300 updates in a few seconds, which could end before the
+    # kill landed (the job then simply succeeded): three times as many.
+    config = tiny_config(3 * LONG, resources={"cpus": 1, "gpus": 1})
     job_id = api.submit(config)["id"]
     job = wait_for(lambda: waiting_because(records, job_id, 0, "no node can hold"), 60, "the GPU job's pending reason", cluster.logs)
     assert "1 GPU" in job.pending_reason, job.pending_reason
@@ -58,7 +65,8 @@ def test_a_gpu_job_waits_for_a_gpu_node_runs_there_and_waits_again_while_it_is_g
     assert " on cpu, pid " in records.runs(job_id)[0], records.runs(job_id)
 
     cluster.kill_raylet("gpu")  # the GPU node leaves mid-job
-    wait_for(lambda: waiting_because(records, job_id, 1, "no node can hold"), 60, "the GPU job waiting again", cluster.logs)
+    wait_for(lambda: waiting_because(records, job_id, 1, "no node can hold"), 60, "the GPU job waiting again",
+             lambda: f"{described(records.job(job_id))}\n{cluster.logs()}")
     cluster.nodes["gpu"].kill()
     cluster.start_node("gpu", cpus=1, gpus=cluster.layout.node_gpus)
     job = records.assert_exactly_once(job_id, config, cluster.logs)
