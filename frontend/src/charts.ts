@@ -309,33 +309,13 @@ export class Chart {
     const t = this.options.threshold;
     if (t) {
       const y = u.valToPos(t.value, "y", true);
-      ctx.strokeStyle = "#d84315";
-      ctx.lineWidth = 1.5 * dpr;
-      ctx.setLineDash([6 * dpr, 4 * dpr]);
-      ctx.beginPath();
-      ctx.moveTo(left, y);
-      ctx.lineTo(left + width, y);
-      ctx.stroke();
-      ctx.setLineDash([]);
-      ctx.fillStyle = "#d84315";
-      ctx.font = `${12 * dpr}px system-ui, sans-serif`;
-      ctx.textAlign = "right";
-      ctx.fillText(t.label, left + width - 4 * dpr, y - 4 * dpr);
+      referenceLine(ctx, dpr, [left, y, left + width, y], { color: "#d84315", width: 1.5, dash: [6, 4] },
+        { text: t.label, x: left + width - 4 * dpr, y: y - 4 * dpr, color: "#d84315", size: 12, align: "right" });
     }
     for (const mark of this.options.xMarks ?? []) {
       const x = u.valToPos(mark.value, "x", true);
-      ctx.strokeStyle = "#757575";
-      ctx.lineWidth = 1 * dpr;
-      ctx.setLineDash([3 * dpr, 3 * dpr]);
-      ctx.beginPath();
-      ctx.moveTo(x, top);
-      ctx.lineTo(x, top + height);
-      ctx.stroke();
-      ctx.setLineDash([]);
-      ctx.fillStyle = "#555";
-      ctx.font = `${11 * dpr}px system-ui, sans-serif`;
-      ctx.textAlign = "left";
-      ctx.fillText(mark.label, x + 3 * dpr, top + 12 * dpr);
+      referenceLine(ctx, dpr, [x, top, x, top + height], { color: "#757575", width: 1, dash: [3, 3] },
+        { text: mark.label, x: x + 3 * dpr, y: top + 12 * dpr, color: "#555", size: 11, align: "left" });
     }
     this.options.series.forEach((s, i) => {
       const errs = this.errors[s.name];
@@ -370,6 +350,27 @@ export class Chart {
     });
     ctx.restore();
   }
+}
+
+/** A dashed reference line (the clip threshold, a rung) from (x0, y0) to (x1, y1) in canvas
+ *  pixels, and its label; widths, dashes and font sizes in CSS pixels. */
+function referenceLine(
+  ctx: CanvasRenderingContext2D, dpr: number, [x0, y0, x1, y1]: [number, number, number, number],
+  line: { color: string; width: number; dash: [number, number] },
+  label: { text: string; x: number; y: number; color: string; size: number; align: CanvasTextAlign },
+): void {
+  ctx.strokeStyle = line.color;
+  ctx.lineWidth = line.width * dpr;
+  ctx.setLineDash(line.dash.map((d) => d * dpr));
+  ctx.beginPath();
+  ctx.moveTo(x0, y0);
+  ctx.lineTo(x1, y1);
+  ctx.stroke();
+  ctx.setLineDash([]);
+  ctx.fillStyle = label.color;
+  ctx.font = `${label.size * dpr}px system-ui, sans-serif`;
+  ctx.textAlign = label.align;
+  ctx.fillText(label.text, label.x, label.y);
 }
 
 // uPlot asks for a range with min and max null while there is no data: give a default.

@@ -71,16 +71,8 @@ def parse_grid(specs: list[str]) -> dict[str, list[Any]]:
     """["tbptt.k1=8,16", "model.cell=lstm,gru"] -> {"tbptt.k1": [8, 16], "model.cell": ["lstm", "gru"]}."""
     import yaml
 
-    grid: dict[str, list[Any]] = {}
-    for spec in specs:
-        path, sep, values = spec.partition("=")
-        path = path.strip()
-        if not sep or not path or not values.strip():
-            raise GridError(f"--grid {spec!r}: expected PATH=V1,V2,... (e.g. tbptt.k1=8,16,32)")
-        if path in grid:
-            raise GridError(f"--grid {path} given twice")
-        grid[path] = [_value(f"--grid {path}", text.strip(), yaml) for text in values.split(",")]
-    return grid
+    axes = _assignments("--grid", specs, "PATH=V1,V2,... (e.g. tbptt.k1=8,16,32)")
+    return {path: [_value(f"--grid {path}", text.strip(), yaml) for text in values.split(",")] for path, values in axes.items()}
 
 
 def parse_early_stop(spec: str | None) -> dict[str, Any] | None:
@@ -90,16 +82,22 @@ def parse_early_stop(spec: str | None) -> dict[str, Any] | None:
         return None
     import yaml
 
-    settings: dict[str, Any] = {}
-    for item in spec.split(","):
+    settings = _assignments("--early-stop", spec.split(","), "KEY=VALUE (e.g. min_steps=100)")
+    return {key: _value(f"--early-stop {key}", text.strip(), yaml) for key, text in settings.items()}
+
+
+def _assignments(flag: str, items: list[str], expected: str) -> dict[str, str]:
+    """["a=1", "b=2,3"] -> {"a": "1", "b": "2,3"}: each key once, neither side empty."""
+    found: dict[str, str] = {}
+    for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key or not text.strip():
-            raise GridError(f"--early-stop {item!r}: expected KEY=VALUE (e.g. min_steps=100)")
-        if key in settings:
-            raise GridError(f"--early-stop {key} given twice")
-        settings[key] = _value(f"--early-stop {key}", text.strip(), yaml)
-    return settings
+            raise GridError(f"{flag} {item!r}: expected {expected}")
+        if key in found:
+            raise GridError(f"{flag} {key} given twice")
+        found[key] = text
+    return found
 
 
 def _value(where: str, text: str, yaml) -> Any:
