@@ -2,7 +2,7 @@
 against early stopping (ASHA with pause and resume), on the whole system (HTTP → database →
 Redis → `unroll worker` → Ray → trainer).
 
-    .venv/bin/python bench/sweeps.py [--quick] [--seeds 3] [--max-parallel 2]
+    .venv/bin/python bench/sweeps.py [--quick] [--seeds 3] [--max-parallel 2] [--target 0.9]
 
 Both sweeps train the same trials (k1 in 2, 4, 8, 12, 16, 24, 32, 48, times seeds) of the
 recall task. Reported per sweep: the update steps trained in all, the wall time from
@@ -11,6 +11,8 @@ mean validation accuracy is above 0.9; for the early-stopped sweep, the accuracy
 reached at its last rung). The target: early stopping uses at most 40% of the full grid's
 steps and reaches the same conclusion. Prints a table, writes bench/results/sweeps.json and
 a figure (accuracy against steps for every trial, rungs marked) to docs/figures/asha.png.
+--target 0.9 runs the early-stopped sweep with early_stop.target 0.9 (trials that reach the
+threshold stop there and leave the ranking).
 
 Starts its own Ray head, a throwaway PostgreSQL database (SQLite if no server answers),
 `unroll api` and `unroll worker` (bench/dispatch.py's Stack), and stops them all.
@@ -127,12 +129,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="hidden 64, 900 steps, rungs 50 · 3^k")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--max-parallel", type=int, default=2)
+    parser.add_argument("--target", type=float, default=None, help="early_stop.target (e.g. 0.9: the threshold question)")
     parser.add_argument("--timeout", type=float, default=7200)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sweeps.json")
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "asha.png")
     args = parser.parse_args()
     base = base_config(args.quick)
-    early = {"min_steps": 100 if args.quick else 200, "reduction_factor": 3, "mode": "asha", "resume": True}
+    early = {"min_steps": 100 if args.quick else 200, "reduction_factor": 3, "mode": "asha", "resume": True, "target": args.target}
     sweep_body = {"base": base, "grid": {"tbptt.k1": K1}, "seeds": args.seeds, "max_parallel": args.max_parallel}
 
     work = Path(tempfile.mkdtemp(prefix="unroll-bench-"))
@@ -151,7 +154,7 @@ def main() -> None:
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; database: {stack.database_url.split(':')[0]}")
     print(f"trials: {len(K1)} k1 x {args.seeds} seeds, {base['train']['max_steps']} steps each; rungs {rungs}; max_parallel {args.max_parallel}")
     print(f"{'sweep':24} {'steps':>8} {'wall s':>8} {'best k1':>8} {'k1 > 0.9':>9}")
-    for name, c, wall in (("full grid", a, full_wall), ("ASHA, pause + resume", b, asha_wall)):
+    for name, c, wall in (("full grid", a, full_wall), ("ASHA, pause + resume" + (f", target {args.target:g}" if args.target is not None else ""), b, asha_wall)):
         best = (c["best_point"] or {}).get("tbptt.k1")
         print(f"{name:24} {c['steps']:8d} {wall:8.1f} {best!s:>8} {c['threshold_k1']!s:>9}")
     ratio = b["steps"] / a["steps"]

@@ -42,7 +42,7 @@ class Callback:
     def on_end(self, summary: "Summary") -> None: ...
 
 
-FINISHED = ("completed", "budget")  # a run stopped for good (budget: by a callback): its model is stored
+FINISHED = ("completed", "budget", "target")  # a run stopped for good (budget, target: by a callback): its model is stored
 
 
 class NonFiniteError(RuntimeError):
@@ -64,7 +64,7 @@ class Summary:
     peak_memory_bytes: int
     clipped_fraction: float
     skipped_steps: int
-    stopped: str  # completed | cancelled | time limit | a callback's stop_reason() (early, budget, preempted)
+    stopped: str  # completed | cancelled | time limit | a callback's stop_reason() (early, budget, target, preempted)
     valid_accuracy: float | None = None
     valid_ppl: float | None = None
     valid_bpc: float | None = None

@@ -119,6 +119,8 @@ export interface EarlyStop {
   max_steps: number;
   mode: "asha" | "hyperband";
   resume: boolean;
+  /** A trial whose metric reaches it stops there, done (summary.stopped "target"); null: none. */
+  target?: number | null;
 }
 
 /** GET /v1/compare (service/api/routes/compare.py). */

@@ -205,6 +205,10 @@ class EarlyStop(BaseModel):
     # true: a trial not promoted is paused with a checkpoint at its rung and may resume
     # later; false: it is stopped for good. Either way it ends succeeded, summary.stopped "early".
     resume: bool = True
+    # "Which points reach this value?": a trial whose metric reaches it (>= for max, <= for
+    # min) at an evaluation stops there, done (summary.stopped "target"), and leaves the
+    # ranking (service.store.asha). null: rank for the best point only.
+    target: float | None = Field(None, ge=-1e12, le=1e12, allow_inf_nan=False)
 
 
 class SweepCreate(BaseModel):

@@ -12,7 +12,9 @@ the same sweep sent over HTTP trains the same jobs).
 `--early-stop min_steps=100` is asynchronous successive halving with rungs at 100, 300, 900,
 ... steps up to the base's train.max_steps; the other keys are reduction_factor, max_steps,
 mode (asha or hyperband), resume (true: a trial not promoted is paused with a checkpoint and
-may resume later; false: stopped for good), metric and goal.
+may resume later; false: stopped for good), metric, goal and target (`target=0.9`: a trial
+whose metric reaches 0.9 stops there, done, and the rule ranks only the others: the
+question "which points reach 0.9?" rather than "which point is best?").
 
 Without --wait it prints the sweep's id. With --wait it shows the summary table live
 (redrawn in place on a terminal; otherwise printed again whenever a job changes state) and at the end

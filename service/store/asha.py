@@ -28,6 +28,15 @@ A trial it stops is stopped for good.
 
 A value of None (not finite) ranks below every finite value; ties rank by trial order
 (the grid's), so decisions are deterministic.
+
+With a target (the sweep's `early_stop.target`: "which points reach this value?", e.g. the
+smallest truncation whose accuracy reaches 0.9), a trial that reaches it has answered the
+question for its point and stops there (`resolved`). The rule is then applied to the open
+trials only: resolved trials leave every rung's ranking (they need no more budget, and a
+promotion slot they would take goes to the best open trial), and `idle_resumptions` trains
+the best open trial to the top rung, so that a sweep ends with its best open point either
+resolved or known not to reach the target within the budget. This extension is ours; the
+paper ranks every trial for the best one.
 """
 
 from __future__ import annotations
@@ -75,14 +84,20 @@ def stop_step(ladder: Sequence[int], start: int) -> int:
 @dataclass
 class Trial:
     """What the rule knows of one trial: its order in the sweep, its bracket, the value it
-    recorded at each rung it reached ({rung step: value}), and whether it is active
-    (queued or running: already promoted past its last recorded rung)."""
+    recorded at each rung it reached ({rung step: value}), whether it is active (queued or
+    running: already promoted past its last recorded rung), and whether it is resolved
+    (it reached the sweep's target: out of the ranking)."""
 
     key: Hashable
     order: int
     bracket: int = 0
     results: dict[int, float | None] = field(default_factory=dict)
     active: bool = False
+    resolved: bool = False
+
+
+def _open(trials: Sequence[Trial], bracket: int) -> list[Trial]:
+    return [t for t in trials if t.bracket == bracket and not t.resolved]
 
 
 def _rank(value: float | None, order: int, goal: str) -> tuple[int, float, int]:
@@ -111,7 +126,7 @@ def promotions(trials: Sequence[Trial], ladders: Mapping[int, Sequence[int]], et
     highest rung where it is a candidate (a trial is paused at one rung only)."""
     chosen: list[Trial] = []
     for bracket, ladder in sorted(ladders.items()):
-        members = [t for t in trials if t.bracket == bracket]
+        members = _open(trials, bracket)
         for step in reversed(ladder[:-1]):
             recorded = _recorded(members, step)
             for trial in top(recorded, len(recorded) // eta, goal):
@@ -122,18 +137,18 @@ def promotions(trials: Sequence[Trial], ladders: Mapping[int, Sequence[int]], et
 
 def continues_on_arrival(trial: Trial, step: int, trials: Sequence[Trial], eta: int, goal: str) -> bool:
     """`resume: false`: does a trial that just recorded the rung at `step` go on?"""
-    recorded = _recorded([t for t in trials if t.bracket == trial.bracket], step)
+    recorded = _recorded(_open(trials, trial.bracket), step)
     return trial in top(recorded, math.ceil(len(recorded) / eta), goal)
 
 
 def idle_resumptions(trials: Sequence[Trial], ladders: Mapping[int, Sequence[int]], goal: str) -> list[Trial]:
-    """With nothing active and nothing promotable: per bracket that has no trial at its top
-    rung, its best paused trial among those at the highest rung reached."""
+    """With nothing active and nothing promotable: per bracket that has no open trial at its
+    top rung, its best paused open trial among those at the highest rung reached."""
     if any(t.active for t in trials):
         return []
     chosen = []
     for bracket, ladder in sorted(ladders.items()):
-        members = [t for t in trials if t.bracket == bracket and t.results]
+        members = [t for t in _open(trials, bracket) if t.results]
         if not members or any(ladder[-1] in t.results for t in members):
             continue
         highest = max(max(t.results) for t in members)

@@ -13,7 +13,9 @@ The rule is service.store.asha (pure); this module (pure too) and service.store.
   **succeeded with summary.stopped = "early"**, with a checkpoint at that step: it can be
   told from a failure, and from a trial that trained to its end ("completed"). A trial
   that reaches the top rung below its train.max_steps is done too: summary.stopped =
-  "budget", with its model stored (trainer.loop.FINISHED); no rule resumes it.
+  "budget", with its model stored (trainer.loop.FINISHED); no rule resumes it. With
+  `target`, a trial whose metric reaches it at an evaluation stops there, done as well:
+  summary.stopped = "target", model stored, resolved (out of the rule's ranking, asha).
 - `advance` (service.store.db.early_stop) runs after each attempt of a sweep's trial ends,
   in the transaction that ends it (workers.attempt; the dispatcher repeats it after any
   attempt, and its reconciler for sweeps whose decision was missed): it reads every
@@ -33,6 +35,7 @@ The rule is service.store.asha (pure); this module (pure too) and service.store.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,6 +45,14 @@ from trainer.config import JobConfig, config_dict
 
 PAUSED = "early"  # summary.stopped of a trial stopped at a rung
 BUDGET = "budget"  # ... at the top rung, below its train.max_steps: done (trainer.loop.FINISHED)
+TARGET = "target"  # ... at an evaluation that reached early_stop.target: done, resolved
+
+
+def reached(value: float | None, target: float, goal: str) -> bool:
+    """Does an evaluated `value` reach the sweep's target?"""
+    if value is None or not math.isfinite(value):
+        return False
+    return value >= target if goal == "max" else value <= target
 
 
 class InvalidEarlyStop(ValueError):

@@ -33,6 +33,8 @@ GOOD = {"min_steps": 10, "reduction_factor": 3}
         ({"min_steps": 10, "surprise": 1}, None, "early_stop.surprise"),
         ({"min_steps": 10}, {"max_steps": 90, "eval_every": 0}, "base.train.eval_every"),
         ({"min_steps": 10}, {"epochs": 1, "eval_every": 10}, "early_stop.max_steps"),
+        ({"min_steps": 10, "target": 1e13}, None, "early_stop.target"),
+        ({"min_steps": 10, "target": "nan"}, None, "early_stop.target"),
     ],
 )
 async def test_early_stop_is_bounded(client, make_token, early, base_train, field):
@@ -50,7 +52,7 @@ async def test_paused_trials_are_promoted_by_the_rule_and_the_summary_shows_rung
     sweep = r.json()
     assert sweep["early_stop"] == {
         "metric": "valid/accuracy", "goal": "max", "min_steps": 10, "reduction_factor": 3, "max_steps": 90,
-        "mode": "asha", "resume": True,
+        "mode": "asha", "resume": True, "target": None,
     }
     ids = [row["job_id"] for row in sweep["jobs"]]
     accuracy = dict(zip(ids, [0.3, 0.9, 0.5]))
@@ -146,6 +148,33 @@ async def test_a_sweep_reads_running_until_its_rule_can_resume_nothing(client, m
     db.commit()
     assert await state() == "succeeded" and early_stop.unsettled(db) == []
     assert repo.get_job(db, ids[0]).summary["stopped"] == "early"  # stopped for good at rung 10
+
+
+async def test_with_a_target_the_trials_that_reached_it_leave_the_ranking(client, make_token, db):
+    # "Which k1 reach 0.9?": 8 reached it before rung 10 and stopped there, done. Of the
+    # open trials at rung 10 (2: 0.3, 4: 0.6) ⌊2/3⌋ = 0 are promoted, so the idle sweep
+    # trains the best open one (4) on: to the top, where it ends below the target, and the
+    # sweep is settled with the boundary between 4 and 8 known. Without the target, 8
+    # would take rung 10's promotion and 4 would stay paused.
+    token = make_token()
+    body = {"base": BASE, "grid": {"tbptt.k1": [2, 4, 8]}, "early_stop": {**GOOD, "target": 0.9}}
+    r = await client.post("/v1/sweeps", json=body, headers=auth(token))
+    assert r.status_code == 201 and r.json()["early_stop"]["target"] == 0.9, r.text
+    sweep_id, ids = r.json()["id"], [row["job_id"] for row in r.json()["jobs"]]
+    _reach(db, ids[2], 10, 0.95, stopped="target")
+    _reach(db, ids[0], 10, 0.3)
+    _reach(db, ids[1], 10, 0.6)
+    assert [row[0] for row in early_stop.advance(db, ids[1])] == [ids[1]]
+    db.commit()
+    _reach(db, ids[1], 30, 0.7)
+    assert [row[0] for row in early_stop.advance(db, ids[1])] == [ids[1]]  # idle: the best open trial goes on
+    db.commit()
+    _reach(db, ids[1], 90, 0.85, stopped="completed")
+    assert early_stop.advance(db, ids[1]) == []
+    db.commit()
+    got = (await client.get(f"/v1/sweeps/{sweep_id}", headers=auth(token))).json()
+    assert got["state"] == "succeeded" and early_stop.unsettled(db) == []
+    assert [repo.get_job(db, i).summary["stopped"] for i in ids] == ["early", "completed", "target"]
 
 
 async def test_a_pending_reason_is_said_again_after_another_dispatcher_claimed_the_job(client, make_token, db, settings):

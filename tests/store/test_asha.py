@@ -140,6 +140,32 @@ def test_idle_sweeps_resume_the_best_at_the_highest_rung_until_the_top_is_reache
     assert asha.idle_resumptions(trials, {0: ladder}, "max") == []  # the top rung is reached
 
 
+def test_with_a_target_resolved_trials_leave_the_ranking_and_the_best_open_one_goes_to_the_top():
+    # Truncations 48, 32, 24 reached the target before rung 30; of the open trials at rung
+    # 30 (12: 0.57, 16: 0.67) ⌊2/3⌋ = 0 are promoted, and with the resolved ones ranked
+    # too, 16 would never be: it is the idle sweep's choice, then 12, then nothing.
+    ladder = (10, 30, 90)
+    trials = [
+        asha.Trial(key=12, order=0, results={10: 0.46, 30: 0.57}),
+        asha.Trial(key=16, order=1, results={10: 0.50, 30: 0.67}),
+        asha.Trial(key=24, order=2, results={10: 0.53, 30: 0.81}, resolved=True),
+        asha.Trial(key=32, order=3, results={10: 0.56, 30: 0.90}, resolved=True),
+        asha.Trial(key=48, order=4, results={10: 0.60}, resolved=True),
+    ]
+    assert asha.promotions(trials, {0: ladder}, 3, "max") == []
+    assert [t.key for t in asha.idle_resumptions(trials, {0: ladder}, "max")] == [16]
+    trials[1].resolved = True  # 16 reached the target after its resumption
+    assert [t.key for t in asha.idle_resumptions(trials, {0: ladder}, "max")] == [12]
+    trials[0].results[90] = 0.89  # 12 trained to its end below the target: the boundary is known
+    assert asha.idle_resumptions(trials, {0: ladder}, "max") == []
+    # The same results without a target: 32 at rung 30 and 48 at rung 10 are promoted,
+    # and no idle sweep resumes 16 while they run.
+    for t in trials:
+        t.resolved = False
+    del trials[0].results[90]
+    assert [t.key for t in asha.promotions(trials, {0: ladder}, 3, "max")] == [32, 48]
+
+
 def test_the_summary_shows_rungs_steps_used_and_saved():
     from service.store.early_stop import annotate
     from service.store.sweeps import render_table

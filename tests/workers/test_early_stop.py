@@ -83,9 +83,27 @@ def test_a_trial_at_the_top_rung_below_its_max_steps_is_done_with_its_model(stac
     sweep_id, ids = create_sweep(stack, [config], {"min_steps": 20, "reduction_factor": 3, "max_steps": 40, "mode": "asha", "resume": True})
     (job,) = wait_settled(stack, ids)
 
-    assert job.state == JobState.SUCCEEDED and job.step == 40 and job.attempt == 2, (job.state, job.step, job.summary)
-    assert job.summary["stopped"] == "budget" and job.summary["model"]["step"] == 40, job.summary
+    assert_done(stack, sweep_id, job, config, step=40, attempts=2, stopped="budget")
+
+
+def assert_done(stack, sweep_id: str, job, config: dict, step: int, attempts: int, stopped: str) -> None:
+    """Done for good at `step`: its model stored, its sweep settled, its losses undisturbed."""
+    assert job.state == JobState.SUCCEEDED and job.step == step and job.attempt == attempts, (job.state, job.step, job.summary)
+    assert job.summary["stopped"] == stopped and job.summary["model"]["step"] == step, job.summary
     with stack.sessions.begin() as session:
         assert repo.get_sweep(session, sweep_id, stack.project_id).settled_at is not None
     expected = undisturbed_losses(config)
-    assert stack.losses(job.id) == {step: expected[step] for step in range(1, 41)}
+    assert stack.losses(job.id) == {s: expected[s] for s in range(1, step + 1)}
+
+
+def test_a_trial_that_reaches_the_target_stops_there_done_with_its_model(stack):
+    # Rungs 20 and 60; the target (a validation loss at most 100) is reached by the first
+    # evaluation, at step 20: the trial stops there, done rather than paused (no rule
+    # resumes it), its model stored, and the sweep is settled after one attempt.
+    config = tiny_config(60)
+    stack.start_worker()
+    settings = {"min_steps": 20, "reduction_factor": 3, "mode": "asha", "resume": True, "metric": "valid/loss", "goal": "min", "target": 100.0}
+    sweep_id, ids = create_sweep(stack, [config], settings)
+    (job,) = wait_settled(stack, ids)
+
+    assert_done(stack, sweep_id, job, config, step=20, attempts=1, stopped="target")

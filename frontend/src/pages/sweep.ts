@@ -37,7 +37,8 @@ function pointLabel(point: Record<string, unknown>, axes: string[]): string {
 function earlyStopText(e: EarlyStop, rungs: number[]): string {
   const rule = e.mode === "hyperband" ? "Hyperband (brackets of ASHA)" : "ASHA";
   const then = e.resume ? "a trial not promoted is paused and may resume" : "a trial not promoted stops";
-  return `${rule}, reduction factor ${e.reduction_factor}; rungs at ${rungs.map((r) => num(r)).join(" · ")} steps; ${then}`;
+  const target = e.target == null ? "" : `; a trial whose ${e.metric} reaches ${e.target} stops there, done`;
+  return `${rule}, reduction factor ${e.reduction_factor}; rungs at ${rungs.map((r) => num(r)).join(" · ")} steps; ${then}${target}`;
 }
 
 interface Member {

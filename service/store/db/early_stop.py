@@ -16,13 +16,14 @@ from service.store import asha, events
 from service.store.db import outbox, repo
 from service.store.db.base import utcnow
 from service.store.db.models import Job, JobState, Sweep
-from service.store.early_stop import PAUSED, ladders
+from service.store.early_stop import PAUSED, TARGET, ladders, reached
 
 UNSETTLED_BATCH = 100  # sweeps decided per reconciler pass
 
 
-def ladder(session: Session, job: Job) -> tuple[int, ...] | None:
-    """The rungs of a sweep's trial (None: its sweep does not stop early)."""
+def rule(session: Session, job: Job) -> tuple[tuple[int, ...], dict] | None:
+    """The rungs of a sweep's trial and its sweep's early_stop (None: its sweep does not
+    stop early)."""
     if job.sweep_id is None:
         return None
     sweep = session.get(Sweep, job.sweep_id)
@@ -30,7 +31,7 @@ def ladder(session: Session, job: Job) -> tuple[int, ...] | None:
         return None
     by_bracket = ladders(sweep.early_stop)
     order = [j.id for j in repo.list_sweep_jobs(session, sweep.id)].index(job.id)
-    return by_bracket[asha.bracket_of(order, len(by_bracket))]
+    return by_bracket[asha.bracket_of(order, len(by_bracket))], dict(sweep.early_stop)
 
 
 def paused(job: Job) -> bool:
@@ -38,13 +39,20 @@ def paused(job: Job) -> bool:
     return job.state == JobState.SUCCEEDED and (job.summary or {}).get("stopped") == PAUSED
 
 
-def _trial(session: Session, job: Job, order: int, metric: str, by_bracket: dict[int, tuple[int, ...]]) -> asha.Trial:
+def _trial(session: Session, job: Job, order: int, es: dict, by_bracket: dict[int, tuple[int, ...]]) -> asha.Trial:
     bracket = asha.bracket_of(order, len(by_bracket))
-    steps = set(by_bracket[bracket])
+    ladder, metric = by_bracket[bracket], es["metric"]
     series = repo.read_series(session, job.id, names=[metric])[metric] if job.started_at is not None else []
-    results = {step: value for step, value in series if step in steps}
+    results = {step: value for step, value in series if step in ladder}
     active = job.state in (JobState.QUEUED, JobState.RUNNING)
-    return asha.Trial(key=job.id, order=order, bracket=bracket, results=results, active=active)
+    return asha.Trial(key=job.id, order=order, bracket=bracket, results=results, active=active, resolved=_resolved(job, es, results.get(ladder[-1])))
+
+
+def _resolved(job: Job, es: dict, top: float | None) -> bool:
+    """It reached the sweep's target: stopped there, or at its very end (top rung)."""
+    if es.get("target") is None or job.state != JobState.SUCCEEDED:
+        return False
+    return (job.summary or {}).get("stopped") == TARGET or reached(top, es["target"], es["goal"])
 
 
 def deciding(sweep: Sweep) -> bool:
@@ -90,7 +98,7 @@ def decide(session: Session, sweep_id: str, arrived: str | None = None) -> list[
 def _chosen(session: Session, es: dict, jobs: list[Job], arrived: str | None) -> list[asha.Trial]:
     """The paused trials the rule resumes now (see service.store.early_stop)."""
     by_bracket = ladders(es)
-    trials = [_trial(session, j, i, es["metric"], by_bracket) for i, j in enumerate(jobs)]
+    trials = [_trial(session, j, i, es, by_bracket) for i, j in enumerate(jobs)]
     rows = {j.id: j for j in jobs}
     if es["resume"]:
         chosen = [t for t in asha.promotions(trials, by_bracket, es["reduction_factor"], es["goal"]) if paused(rows[t.key])]
