@@ -5,11 +5,12 @@ callback ends the attempt once the update at the rung's step, its evaluation and
 checkpoint are done: the loop stops with `stopped = "early"` and checkpoints there, and
 the attempt ends succeeded. At the top rung (early_stop.max_steps, when it lies below
 train.max_steps) the trial is done: it stops with `stopped = "budget"` and, as a completed
-run does, stores its model. With the sweep's `target`, an evaluation whose metric reaches it
-ends the trial at that step, done as well (`stopped = "target"`, model stored). Whether a paused trial goes on is decided in the transaction
-that ends its attempt (service.store.db.early_stop.advance, from workers.attempt; the
-dispatcher and its reconciler decide again when that was missed); a resumed attempt starts
-at the rung and stops at the next one.
+run does, stores its model. With the sweep's `target`, an evaluation whose metric reaches
+it ends the trial at that step, done as well (`stopped = "target"`, model stored). Whether
+a paused trial goes on is decided in the transaction that ends its attempt
+(service.store.db.early_stop.advance, from workers.attempt; the dispatcher and its
+reconciler decide again when that was missed); a resumed attempt starts at the rung and
+stops at the next one.
 """
 
 from __future__ import annotations
