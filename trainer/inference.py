@@ -174,16 +174,17 @@ class Model:
         single = x.dim() == (1 if tokens else 2)
         if single:
             x = x.unsqueeze(1)
-        if x.dim() != (2 if tokens else 3) or x.shape[0] == 0:
+        if x.dim() != (2 if tokens else 3) or x.shape[0] == 0 or x.shape[1] == 0:
             want = "(n,) or (n, B)" if tokens else f"(n, {self.artifact.task.features}) or (n, B, {self.artifact.task.features})"
-            raise ValueError(f"inputs: shape {tuple(x.shape)}, expected {want} with n >= 1")
+            raise ValueError(f"inputs: shape {tuple(x.shape)}, expected {want} with n >= 1 and B >= 1")
         if x.shape[0] * x.shape[1] > MAX_STEPS:
             raise ValueError(f"inputs: {x.shape[0] * x.shape[1]} steps x streams, more than {MAX_STEPS}")
         if x.shape[0] * x.shape[1] * (self.artifact.task.classes or 1) > MAX_OUTPUTS:
             raise ValueError(f"inputs: the outputs would hold more than {MAX_OUTPUTS} values; step in shorter chunks")
         if tokens:
             vocab = self.artifact.task.vocab
-            if int(x.min()) < 0 or int(x.max()) >= vocab:
+            low, high = torch.aminmax(x)  # one pass over the ids, not two
+            if low.item() < 0 or high.item() >= vocab:
                 raise ValueError(f"inputs: token ids must lie in [0, {vocab})")
         else:
             if x.shape[2] != self.artifact.task.features:

@@ -191,7 +191,7 @@ async def test_step_inputs_are_checked(client, db, settings, make_token):
     token = make_token()
     job_id = await trained_job(client, db, settings, token, text_checkpoint())
     sid = (await client.post(f"/v1/jobs/{job_id}/sessions", headers=auth(token))).json()["id"]
-    for inputs in ([10_000], [[1.5, "x"]], ""):
+    for inputs in ([10_000], [[1.5, "x"]], "", [[]], [[], []]):  # [[]]: steps of no streams (was a 500)
         r = await client.post(f"/v1/sessions/{sid}/step", json={"inputs": inputs}, headers=auth(token))
         assert r.status_code == 422 and r.json()["error"]["field"] == "inputs", r.text
     r = await client.post(f"/v1/sessions/{sid}/step", json={"inputs": [1, 2, 3]}, headers=auth(token))  # token ids

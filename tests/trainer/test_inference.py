@@ -142,6 +142,8 @@ def test_bad_input_is_a_value_error_naming_it(model):
         (lambda: model.generate("the", 10, top_k=0), "top_k"),
         (lambda: model.predict([[1.0]], 3), "predict: needs a timeseries model"),
         (lambda: model.step([len(model.vocab)]), "inputs"),
+        (lambda: model.step([[]]), "inputs"),  # steps of no streams: nothing to check the ids of
+        (lambda: model.step([-1, 3]), "inputs"),
         (lambda: model.step([1, 2], {"h": torch.zeros(1, 1, 16)}), "state"),
         (lambda: model.step([1, 2], {"h": torch.zeros(1, 2, 16), "c": torch.zeros(1, 1, 16)}), "state.h"),
     ]
