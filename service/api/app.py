@@ -140,7 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.include_router(dashboard.router)  # after the API: GET / and the dashboard's deep links
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(ProjectAdmission, limit=settings.max_requests_per_project)
+    app.add_middleware(ProjectAdmission, limit=settings.max_requests_per_project, in_progress=settings.requests_in_progress_per_project)
     app.add_middleware(LatencyMiddleware, metrics=metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

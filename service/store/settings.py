@@ -48,9 +48,11 @@ class Settings(BaseSettings):
     # with `unroll project set`): queued jobs, and the highest priority a job may have.
     max_queued_per_project: int = Field(default=10_000, ge=0)
     max_priority: int = Field(default=100, ge=-(2**31), le=2**31 - 1)
-    # Requests of one project in progress at once in one API process (429 past it; 0: no
-    # bound): service.api.admission.
-    max_requests_per_project: int = Field(default=16, ge=0)
+    # Requests of one project in one API process (service.api.admission): at most this many
+    # run at once, the next ones wait their turn (another project's never wait behind them) ...
+    requests_in_progress_per_project: int = Field(default=4, ge=1, le=10_000)
+    # ... and at most this many are admitted, running and waiting (429 past it; 0: no bound).
+    max_requests_per_project: int = Field(default=64, ge=0, le=1_000_000)
     # The largest model (parameter count) a job may ask for.
     max_params: int = Field(default=50_000_000, ge=1)
     # The most memory a job's data may take on a worker (trainer.config.data_bytes).
