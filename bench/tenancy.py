@@ -391,13 +391,14 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def up(self) -> None:
+    def up(self, worker_nice: int = 0) -> None:
         py = sys.executable
+        niced = ["nice", "-n", str(worker_nice)] if worker_nice else []
         command, _ = ray_head(self.ray_port, self.ray_temp)
-        self.start(*command, name="ray")
+        self.start(*niced, *command, name="ray")  # the training processes are Ray's children
         wait(lambda: listening(self.ray_port), 120, "the Ray head")
         self.start(py, "-m", "service.cli", "api", "--port", str(self.api_port), name="api")
-        self.start(py, "-m", "service.cli", "worker", name="worker")
+        self.start(*niced, py, "-m", "service.cli", "worker", name="worker")
         wait(lambda: self.get("/readyz").status_code == 200, 180, "unroll api and worker (/readyz)")
 
     def get(self, path: str):
@@ -513,8 +514,16 @@ def main() -> int:
     parser.add_argument("--a-streams", type=int, default=40, help="A's tasks opening event streams")
     parser.add_argument("--hold", type=float, default=2.0, help="seconds A holds each event stream it gets")
     parser.add_argument("--sweep-connections", type=int, default=8, help="connections on which A POSTs the hostile sweep")
+    parser.add_argument("--setting", action="append", default=[], metavar="UNROLL_NAME=VALUE",
+                        help="a setting of the API and worker under test, e.g. UNROLL_REQUESTS_IN_PROGRESS_PER_PROJECT=1 (repeatable)")
+    parser.add_argument("--worker-nice", type=int, default=0, choices=range(20), metavar="0..19",
+                        help="run Ray (the training) and `unroll worker` at this niceness: the CPU split of a"
+                        " deployment, where the API does not share its cores with training (0: all equal)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tenancy.json")
     args = parser.parse_args()
+    settings = dict(item.split("=", 1) for item in args.setting)
+    if not all(name.startswith("UNROLL_") for name in settings):
+        parser.error("--setting: UNROLL_NAME=VALUE")
 
     try:
         import uvloop
@@ -526,9 +535,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="unroll-bench-tenancy-"))
     load_before = os.getloadavg()
     stack = Stack(work)
+    stack.env.update(settings)
     phases: list[dict] = []
     try:
-        stack.up()
+        stack.up(args.worker_nice)
         tokens = {p: stack.admin("POST", f"/v1/admin/projects/tenancy-{p}/tokens", {"name": "bench"})["token"] for p in ("a", "b")}
         stack.admin("PATCH", "/v1/admin/projects/tenancy-a", {"max_running": 1})
         # Warm up: Ray's worker processes import torch once; B's first requests open its pool.

@@ -6,23 +6,26 @@ back to back holds 32 requests in progress at once, and every other project's re
 shares the loop with all of them (bench/tenancy.py measured the other project's p99 at 10x
 its quiet value). So each API process gives every project its own small share of the loop:
 
-- at most ``UNROLL_REQUESTS_IN_PROGRESS_PER_PROJECT`` requests of one project run at once;
-  the project's next ones wait, in arrival order, costing nothing but a parked task, and
+- at most ``UNROLL_REQUESTS_IN_PROGRESS_PER_PROJECT`` requests of one project run at once,
+  and at most ``UNROLL_MAX_STREAMS_PER_PROJECT`` of its event streams are open;
+- the project's next ones wait, in arrival order, costing nothing but a parked task, and
   start as its running ones end. A request of another project never waits behind them: it
-  shares the loop with at most that many of the flooding project's requests.
-- at most ``UNROLL_MAX_REQUESTS_PER_PROJECT`` of one project are admitted (running and
-  waiting); past it the request is answered 429 at once, with ``Retry-After``, before any
-  routing, body read or database work.
+  shares the loop with at most that many of the flooding project's requests;
+- at most ``UNROLL_MAX_REQUESTS_PER_PROJECT`` of each kind wait, each at most
+  ``UNROLL_ADMISSION_WAIT_S``; past either, a 429 with ``Retry-After``, before any routing,
+  body read or database work.
 
 This is the per-flow queueing of fair queuing (Demers, Keshav and Shenker, SIGCOMM 1989),
 with a project as the flow and the event loop as the link: each flow's backlog waits in
-its own queue, so a heavy flow lengthens only its own. Well-behaved clients (the CLI, the
-dashboard) run a few requests at a time and never wait here.
+its own queue, so a heavy flow lengthens only its own. A client that retries a 429 at
+once, in a loop, costs the loop a whole request each time; a waiting one costs nothing,
+which is why past its share a request waits rather than being refused. Well-behaved
+clients (the CLI, the dashboard) run a few requests at a time and never wait here.
 
 The project is known from the token cache (service.api.auth): a token not cached yet is
 let through to be authenticated (one request per token and cache period), and so are
-requests without a token (health, metrics, the dashboard's files). Event streams are not
-counted here: they are long by design and bounded on their own.
+requests without a token (health, metrics, the dashboard's files); the stream route keeps
+its own count as well (service.api.streams).
 """
 
 from __future__ import annotations
@@ -47,78 +50,92 @@ def _bearer(scope: Scope) -> str | None:
 
 @dataclass
 class _Gate:
-    """One project's requests in this process: those running, and those waiting to."""
+    """One project's requests of one kind in this process: those running, those waiting."""
 
     running: int = 0
     waiting: deque[asyncio.Future[None]] = field(default_factory=deque)
 
-    @property
-    def admitted(self) -> int:
-        return self.running + len(self.waiting)
-
 
 class ProjectAdmission:
-    def __init__(self, app: ASGIApp, limit: int, in_progress: int) -> None:
+    def __init__(self, app: ASGIApp, *, waiting: int, requests: int, streams: int, wait_s: float) -> None:
         self.app = app
-        self.limit = limit  # admitted per project (0: no bound at all)
-        self.in_progress = in_progress  # running per project
-        self.gates: dict[str, _Gate] = {}
+        self.waiting = waiting  # per project and kind (0: no admission at all)
+        self.running = {False: requests, True: streams}  # per project: requests, streams
+        self.wait_s = wait_s
+        self.gates: dict[tuple[str, bool], _Gate] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        project = self._project(scope) if scope["type"] == "http" and self.limit > 0 else None
+        project = self._project(scope) if scope["type"] == "http" and self.waiting > 0 else None
         if project is None:
             await self.app(scope, receive, send)
             return
-        gate = self.gates.setdefault(project, _Gate())
-        if gate.admitted >= self.limit:
-            response = errors.error_response(
-                429,
-                "too_many_requests",
-                f"this project already has {gate.admitted} requests running or waiting on this server; at most"
-                f" {self.limit} (UNROLL_MAX_REQUESTS_PER_PROJECT): retry shortly",
-                headers={"Retry-After": "1"},
-            )
-            await response(scope, receive, send)
+        stream = scope["path"].endswith("/events")
+        key = (project, stream)
+        gate = self.gates.setdefault(key, _Gate())
+        if gate.running >= self.running[stream] and len(gate.waiting) >= self.waiting:
+            await self._refuse(stream, gate, waited=False)(scope, receive, send)
             return
-        await self._enter(project, gate)
+        if not await self._enter(key, gate):
+            await self._refuse(stream, gate, waited=True)(scope, receive, send)
+            return
         try:
             await self.app(scope, receive, send)
         finally:
-            self._leave(project, gate)
+            self._leave(key, gate)
 
-    async def _enter(self, project: str, gate: _Gate) -> None:
-        if gate.running < self.in_progress and not gate.waiting:
+    async def _enter(self, key: tuple[str, bool], gate: _Gate) -> bool:
+        """Run now, or wait for a running one to end (True), at most wait_s (False)."""
+        if gate.running < self.running[key[1]] and not gate.waiting:
             gate.running += 1
-            return
+            return True
         turn = asyncio.get_running_loop().create_future()
         gate.waiting.append(turn)
         try:
-            await turn  # _leave hands its place over: `running` counts this request already
-        except asyncio.CancelledError:
+            async with asyncio.timeout(self.wait_s):
+                await turn  # _leave hands its place over: `running` counts this request already
+            return True
+        except (TimeoutError, asyncio.CancelledError) as exc:
             if turn.done() and not turn.cancelled():
-                self._leave(project, gate)  # the place came with the cancellation: give it on
+                self._leave(key, gate)  # the place came with the timeout or cancellation: give it on
             else:
                 if turn in gate.waiting:  # a _leave may have passed it by already
                     gate.waiting.remove(turn)
-                self._forget(project, gate)
-            raise
+                self._forget(key, gate)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return False
 
-    def _leave(self, project: str, gate: _Gate) -> None:
+    def _leave(self, key: tuple[str, bool], gate: _Gate) -> None:
         while gate.waiting:
             turn = gate.waiting.popleft()
             if not turn.done():
                 turn.set_result(None)
                 return
         gate.running -= 1
-        self._forget(project, gate)
+        self._forget(key, gate)
 
-    def _forget(self, project: str, gate: _Gate) -> None:
-        if not gate.admitted and self.gates.get(project) is gate:
-            del self.gates[project]
+    def _forget(self, key: tuple[str, bool], gate: _Gate) -> None:
+        if not gate.running and not gate.waiting and self.gates.get(key) is gate:
+            del self.gates[key]
+
+    def _refuse(self, stream: bool, gate: _Gate, waited: bool):
+        why = f"waited {self.wait_s:g} s (UNROLL_ADMISSION_WAIT_S) for one to end" if waited else \
+            f"{len(gate.waiting)} more wait already (UNROLL_MAX_REQUESTS_PER_PROJECT={self.waiting})"
+        if stream:
+            return errors.error_response(
+                429, "too_many_streams",
+                f"this project already has {gate.running} event streams open on this API server, the most it may"
+                f" (UNROLL_MAX_STREAMS_PER_PROJECT={self.running[True]}), and {why}; close one, or retry later",
+                headers={"Retry-After": "5"},
+            )
+        return errors.error_response(
+            429, "too_many_requests",
+            f"this project already has {gate.running} requests running on this server, the most it may"
+            f" (UNROLL_REQUESTS_IN_PROGRESS_PER_PROJECT={self.running[False]}), and {why}: retry shortly",
+            headers={"Retry-After": "1"},
+        )
 
     def _project(self, scope: Scope) -> str | None:
-        if scope["path"].endswith("/events"):
-            return None
         token = _bearer(scope)
         runtime = getattr(scope["app"].state, "runtime", None) if "app" in scope else None
         if token is None or runtime is None:

@@ -140,7 +140,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.include_router(dashboard.router)  # after the API: GET / and the dashboard's deep links
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(ProjectAdmission, limit=settings.max_requests_per_project, in_progress=settings.requests_in_progress_per_project)
+    app.add_middleware(
+        ProjectAdmission, waiting=settings.max_requests_per_project, requests=settings.requests_in_progress_per_project,
+        streams=settings.max_streams_per_project, wait_s=settings.admission_wait_s,
+    )
     app.add_middleware(LatencyMiddleware, metrics=metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

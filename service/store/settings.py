@@ -49,10 +49,13 @@ class Settings(BaseSettings):
     max_queued_per_project: int = Field(default=10_000, ge=0)
     max_priority: int = Field(default=100, ge=-(2**31), le=2**31 - 1)
     # Requests of one project in one API process (service.api.admission): at most this many
-    # run at once, the next ones wait their turn (another project's never wait behind them) ...
+    # run at once (its event streams: max_streams_per_project), the next ones wait their
+    # turn, and another project's never wait behind them ...
     requests_in_progress_per_project: int = Field(default=4, ge=1, le=10_000)
-    # ... and at most this many are admitted, running and waiting (429 past it; 0: no bound).
+    # ... at most this many of each kind wait (429 past it; 0: no admission at all) ...
     max_requests_per_project: int = Field(default=64, ge=0, le=1_000_000)
+    # ... each at most this long (then a 429).
+    admission_wait_s: float = Field(default=30.0, gt=0, le=3600)
     # The largest model (parameter count) a job may ask for.
     max_params: int = Field(default=50_000_000, ge=1)
     # The most memory a job's data may take on a worker (trainer.config.data_bytes).
@@ -77,7 +80,8 @@ class Settings(BaseSettings):
     token_cache_seconds: float = Field(default=30.0, ge=0)
 
     # --- live event streams (service.api.streams) ---
-    # Open GET /v1/jobs/{id}/events streams of one project on one API process (429 beyond).
+    # Open GET /v1/jobs/{id}/events streams of one project on one API process (the next
+    # ones wait, as requests past their share do: service.api.admission).
     max_streams_per_project: int = Field(default=20, ge=1)
     # A stream ends after this long (an `end` event; the client reconnects with
     # Last-Event-ID), so that a job that never starts holds no connection forever.

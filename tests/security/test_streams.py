@@ -27,7 +27,7 @@ PROJECTS = 8  # x 20 streams each: more than a default redis-py pool (100) holds
 
 @pytest.fixture
 def settings(settings):  # the API tests' settings, with short stream bounds
-    return settings.model_copy(update={"stream_max_seconds": 30.0, "stream_keepalive_seconds": 0.5})
+    return settings.model_copy(update={"stream_max_seconds": 30.0, "stream_keepalive_seconds": 0.5, "admission_wait_s": 1.0})
 
 
 async def first_event(lines) -> dict:
@@ -84,7 +84,8 @@ async def test_streams_are_bounded_per_project_and_never_starve_readiness_or_sub
         submitted = await http.post("/v1/jobs", json=JOB, headers=auth(tokens[0]))
         assert submitted.status_code == 201, submitted.text
 
-        # one more of a full project's is refused, naming the bound; another project's is not
+        # one more of a full project's waits for a slot, then is refused, naming the bound;
+        # another project's is not
         refused = await http.get(f"/v1/jobs/{jobs[0]}/events", headers=auth(tokens[0]), timeout=10)
         assert refused.status_code == 429 and refused.headers["retry-after"]
         error = refused.json()["error"]
