@@ -14,9 +14,9 @@
   window by window with carried state) against training's evaluation forward pass over
   the same text already in memory (trainer.tbptt.evaluate).
 
-Prints a table and writes bench/results/inference.json (medians over `--repeats`). Needs
-Redis (UNROLL_REDIS_URL, default 127.0.0.1:6379) for the session rows; without it they are
-skipped, saying so.
+Prints a table and writes bench/results/inference.json (medians over `--repeats`; a ratio
+is the median over back-to-back pairs). Needs Redis (UNROLL_REDIS_URL, default
+127.0.0.1:6379) for the session rows; without it they are skipped, saying so.
 """
 
 from __future__ import annotations
@@ -114,17 +114,26 @@ def ours_batch(model: Model, first: torch.Tensor, n: int, gen: torch.Generator) 
     return out
 
 
-def paired(ours, baseline, repeats: int) -> tuple[float, float]:
-    """Median seconds of ours() and of baseline(), run in turn `repeats` times after one
-    warm-up each: on a shared machine a burst of load then hits both alike."""
+def paired(ours, baseline, repeats: int) -> tuple[float, float, list[float]]:
+    """Median seconds of ours() and of baseline(), run back to back `repeats` times after
+    one warm-up each, which goes first alternating; and each pair's ratio (baseline s /
+    ours s). On a shared machine the speed drifts by several percent over seconds: a pair
+    run back to back sees the same speed, so the median of the pairs' ratios is the
+    steadier comparison, and their spread shows how far to trust it."""
     ours(), baseline()
     a, b = [], []
-    for _ in range(repeats):
-        for fn, times in ((ours, a), (baseline, b)):
+    for i in range(repeats):
+        order = ((ours, a), (baseline, b)) if i % 2 == 0 else ((baseline, b), (ours, a))
+        for fn, times in order:
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-    return statistics.median(a), statistics.median(b)
+    return statistics.median(a), statistics.median(b), [y / x for x, y in zip(a, b)]
+
+
+def _compared(row: dict, ratios: list[float]) -> dict:
+    """The row's ratio: the median of its pairs' ratios, with their range."""
+    return row | {"ratio": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)]}
 
 
 def generation_rows(model: Model, tokens: int, repeats: int) -> list[dict]:
@@ -132,24 +141,23 @@ def generation_rows(model: Model, tokens: int, repeats: int) -> list[dict]:
     prompt = "The cat "
     rows = []
     first = torch.tensor([model.encode(prompt)[0][-1]])
-    ours_s, bare_s = paired(
+    ours_s, bare_s, ratios = paired(
         lambda: model.generate(prompt, tokens, temperature=1.0, seed=1),
         lambda: bare.sample(first, tokens, torch.Generator().manual_seed(1)), repeats,
     )
-    rows.append({"row": "generate, batch 1", "unit": "tokens/s", "ours": tokens / ours_s, "baseline": tokens / bare_s})
+    rows.append(_compared({"row": "generate, batch 1", "unit": "tokens/s", "ours": tokens / ours_s, "baseline": tokens / bare_s}, ratios))
     first32, n = first.repeat(32), tokens // 4
-    ours_s, bare_s = paired(
+    ours_s, bare_s, ratios = paired(
         lambda: model.generate_batch([prompt] * 32, n, temperature=1.0, seed=1),
         lambda: bare.sample(first32, n, torch.Generator().manual_seed(1)), repeats,
     )
-    rows.append({"row": "generate, batch 32", "unit": "tokens/s", "ours": 32 * n / ours_s, "baseline": 32 * n / bare_s})
-    ours_s, bare_s = paired(
+    rows.append(_compared({"row": "generate, batch 32", "unit": "tokens/s", "ours": 32 * n / ours_s, "baseline": 32 * n / bare_s}, ratios))
+    ours_s, bare_s, ratios = paired(
         lambda: ours_batch(model, first32, n, torch.Generator().manual_seed(1)),
         lambda: bare.sample(first32, n, torch.Generator().manual_seed(1)), repeats,
     )
-    rows.append({"row": "Model.step loop, batch 32", "unit": "tokens/s", "ours": 32 * n / ours_s, "baseline": 32 * n / bare_s})
+    rows.append(_compared({"row": "Model.step loop, batch 32", "unit": "tokens/s", "ours": 32 * n / ours_s, "baseline": 32 * n / bare_s}, ratios))
     for row in rows:
-        row["ratio"] = row["ours"] / row["baseline"]
         row["target"] = ">= 0.9"
         row["met"] = row["ratio"] >= 0.9
     return rows
@@ -171,9 +179,9 @@ def evaluate_row(model: Model, config: dict, repeats: int) -> dict:
     def from_file():
         count["file"] = model.evaluate(corpus)["scored_steps"]
 
-    ours_s, base_s = paired(from_file, forward, repeats)
+    ours_s, base_s, ratios = paired(from_file, forward, repeats)
     row = {"row": "evaluate a file", "unit": "tokens/s", "ours": count["file"] / ours_s, "baseline": count["n"] / base_s}
-    row["ratio"] = row["ours"] / row["baseline"]
+    row = _compared(row, [r * count["file"] / count["n"] for r in ratios])  # per token: the counts differ
     row["target"] = "(reported)"
     row["met"] = None
     row["note"] = f"{corpus.stat().st_size:,} bytes; baseline: training's evaluation forward pass, text already in memory"
@@ -291,11 +299,14 @@ def main() -> int:
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__},"
           f" {args.threads} thread(s); char LSTM, hidden {args.hidden}, vocabulary {model.artifact.task.vocab}")
-    print(f"{'':28s}{'unit':>10s}{'unroll':>12s}{'baseline':>12s}{'ratio':>8s}{'target':>12s}")
+    print(f"{'':28s}{'unit':>10s}{'unroll':>12s}{'baseline':>12s}{'ratio':>8s}{'pairs':>14s}{'target':>12s}")
     for r in rows:
         ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
+        spread = f"{r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}" if r.get("ratio_range") else "-"
         met = "" if r["met"] is None else ("  PASS" if r["met"] else "  MISS")
-        print(f"{r['row']:28s}{r['unit']:>10s}{r['ours']:>12,.1f}{r['baseline']:>12,.1f}{ratio:>8s}{r['target']:>12s}{met}")
+        print(f"{r['row']:28s}{r['unit']:>10s}{r['ours']:>12,.1f}{r['baseline']:>12,.1f}{ratio:>8s}{spread:>14s}{r['target']:>12s}{met}")
+    print("ratio: the median over pairs run back to back (order alternating) of baseline time / unroll time;"
+          " pairs: their range")
     for r in rows:
         if r.get("note"):
             print(f"  {r['row']}: {r['note']}")
