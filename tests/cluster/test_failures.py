@@ -8,6 +8,7 @@ worker process) and the process tree: a Ray worker is a child of its node's rayl
 
 from __future__ import annotations
 
+import itertools
 import re
 import secrets
 import socket
@@ -23,7 +24,7 @@ import sqlalchemy as sa
 
 from service.store.db.models import Job, JobState
 from tests.cluster.harness import wait_for
-from tests.cluster.jobs import tiny_config
+from tests.cluster.jobs import TERMINAL, tiny_config, undisturbed_losses
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(240)]
 
@@ -250,3 +251,39 @@ def test_a_drained_node_s_jobs_checkpoint_and_move_without_using_attempts(cluste
             assert records.resumed(job_id) and running_on(cluster, records, job_id, 2) != "spare", records.runs(job_id)
     cluster.wait_node("spare", joined=False)  # it left by itself once idle
     cluster.nodes["spare"].kill()
+
+
+def test_a_data_parallel_group_across_two_nodes_restarts_from_its_checkpoint_when_one_dies(cluster, api, records):
+    """A job of two ranks (`resources.workers: 2`, a CPU each: no node here holds both, so
+    the group spans two nodes); kill -9 the raylet of the node that is not the head: the
+    group starts again from its checkpoint (on new processes, in the same attempt or the
+    next) and ends with the losses of one undisturbed process (a group of two equals one
+    process to 1e-5: tests/workers/test_ddp.py)."""
+    config = tiny_config(2 * LONG, seed=7, resources={"cpus": 1, "workers": 2})
+    job_id = api.submit(config)["id"]
+    records.wait(job_id, {JobState.RUNNING}, step=KILL_AT, timeout=180, logs=cluster.logs)
+    records.wait_checkpointed(job_id, cluster.logs)
+    nodes = [cluster.node_of(pid) for pid in _rank_pids(records, job_id)[-1]]
+    assert len(nodes) == 2 and len(set(nodes)) == 2 and None not in nodes, nodes
+    victim = next(name for name in nodes if name != "head")
+    cluster.kill_raylet(victim)
+    cluster.nodes[victim].kill()
+    cluster.start_node(victim, cpus=1, gpus=cluster.layout.node_gpus if victim == "gpu" else 0)  # the group needs two CPUs again
+    job = records.wait(job_id, TERMINAL, timeout=240, logs=cluster.logs)
+    assert job.state == JobState.SUCCEEDED, (job.error, cluster.logs())
+    attempts = records.attempts(job_id)
+    for earlier, later in itertools.pairwise(attempts):
+        assert earlier.ended_at is not None and earlier.ended_at <= later.started_at, (earlier, later)
+    groups = _rank_pids(records, job_id)
+    assert len(groups) >= 2 and set(groups[-1]).isdisjoint(groups[0]), groups  # started again, on new processes
+    assert records.resumed(job_id), records.runs(job_id)  # from the checkpoint, not from step 0
+    reference = undisturbed_losses(config)
+    got = records.losses(job_id)
+    assert got.keys() == reference.keys()
+    assert max(abs(got[step] - value) for step, value in reference.items()) <= 1e-5
+
+
+def _rank_pids(records, job_id: str) -> list[list[int]]:
+    """Each start of the job's group: its ranks' PIDs, as rank 0 logs them."""
+    starts = [line for line in records.log_lines(job_id) if line.startswith("data-parallel ranks")]
+    return [[int(part.rsplit(":", 1)[1]) for part in line.split(": ", 1)[1].split()] for line in starts]
