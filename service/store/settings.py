@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     # Requests of one project in one API process (service.api.admission): at most this many
     # run at once (its event streams: max_streams_per_project), the next ones wait their
     # turn, and another project's never wait behind them ...
-    requests_in_progress_per_project: int = Field(default=4, ge=1, le=10_000)
+    requests_in_progress_per_project: int = Field(default=8, ge=1, le=10_000)
     # ... at most this many of each kind wait (429 past it; 0: no admission at all) ...
     max_requests_per_project: int = Field(default=64, ge=0, le=1_000_000)
     # ... each at most this long (then a 429).
