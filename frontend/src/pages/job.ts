@@ -274,7 +274,9 @@ export const jobPage: Page = (root, { params, url, signal, onDispose }) => {
     pending = true;
     await sleep(Math.max(0, lastRefresh + THROTTLE_MS - Date.now()), signal);
     pending = false;
-    if (signal.aborted) return;
+    // A finished job's page holds what finalRefresh read (the full, downsampled series): a
+    // tail read after it would add back a raw last point that the downsampling dropped.
+    if (signal.aborted || (job && isFinal(job.state))) return;
     lastRefresh = Date.now();
     const work = [loadMetrics(), loadLogs()];
     if (Date.now() - checkpointsAt > 5000) {
