@@ -29,6 +29,14 @@ The rule is service.store.asha (pure); this module (pure too) and service.store.
   until then it reads running, never finished, even for the moment when every trial is
   paused. A resumed trial continues from its checkpoint at the rung: its losses are
   those of a trial that never stopped (the trainer resumes bit-exactly).
+- `launch_order` shuffles the order in which the trials are queued: asynchronous
+  successive halving assumes its trials arrive in random order (Li et al. 2020, §3: ASHA
+  is random search with early stopping), and promotes the best of the few results a rung
+  holds early on. Queued in grid order (increasing k1, say) the first trials at a rung are
+  all of one end of the grid, and the best of them goes on whatever it is worth. The
+  permutation is drawn from the base's train.seed, so a sweep submitted twice starts its
+  trials in the same order; the jobs themselves (their ids, brackets and summary rows)
+  stay in grid order.
 - `annotate` adds to the summary's rows the rung each point reached, the steps its jobs
   trained and the steps saved against training every job to max_steps.
 """
@@ -36,8 +44,9 @@ The rule is service.store.asha (pure); this module (pure too) and service.store.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from service.store import asha
 from service.store.sweeps import task_metric
@@ -105,6 +114,16 @@ def ladders(early_stop: Mapping[str, Any]) -> dict[int, tuple[int, ...]]:
     args = (early_stop["min_steps"], early_stop["reduction_factor"], early_stop["max_steps"])
     n = asha.bracket_count(*args, early_stop["mode"])
     return {s: asha.rungs(*args, bracket=s) for s in range(n)}
+
+
+T = TypeVar("T")
+
+
+def launch_order(trials: Sequence[T], seed: int) -> list[T]:
+    """The trials in the order they are queued: a permutation drawn from `seed`."""
+    order = list(trials)
+    random.Random(seed).shuffle(order)
+    return order
 
 
 def annotate(summary: dict[str, Any], early_stop: Mapping[str, Any], steps: Mapping[str, int]) -> None:

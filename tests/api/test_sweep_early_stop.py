@@ -9,6 +9,7 @@ import pytest
 from service.store.db import early_stop, repo, states
 from service.store.db.models import JobState
 from service.store.keys import Keys
+from service.store.queue import JobQueue
 from tests.api.helpers import JOB, auth
 from workers.dispatcher import Dispatcher
 
@@ -97,6 +98,35 @@ async def test_without_pausing_a_trial_is_judged_once_on_arrival(client, make_to
     # 0.5 (behind 0.9) stops for good, and nothing is promoted later.
     assert decisions == [[ids[0]], [ids[1]], []]
     assert repo.get_job(db, ids[2]).state == JobState.SUCCEEDED
+
+
+async def _launch_order(redis_client, settings) -> list[str]:
+    queue = JobQueue(redis_client, settings.redis_prefix)
+    taken = []
+    while (job_id := await queue.dequeue("order-test", 60, block_s=0)) is not None:
+        taken.append(job_id)
+    return taken
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+async def test_an_early_stopped_sweep_queues_its_trials_in_an_order_drawn_from_its_seed(client, make_token, settings, redis_client, seed):
+    """ASHA judges the first arrivals at a rung among themselves: queued in grid order (here
+    increasing k1), they would all be of one end of the grid. Shuffled by train.seed, the
+    same sweep twice starts in the same order; without early_stop, in grid order."""
+    token = make_token()
+    grid = {"tbptt.k1": [2, 4, 8, 12, 16, 24, 32, 48]}
+    base = {**BASE, "train": {**BASE["train"], "seed": seed}}
+    orders = []
+    for early in (GOOD, GOOD, None):
+        r = await client.post("/v1/sweeps", json={"base": base, "grid": grid, "seeds": 2, "early_stop": early}, headers=auth(token))
+        assert r.status_code == 201, r.text
+        ids = [row["job_id"] for row in r.json()["jobs"]]  # grid order
+        position = {job_id: n for n, job_id in enumerate(ids)}
+        orders.append([position[job_id] for job_id in await _launch_order(redis_client, settings)])
+    shuffled, again, plain = orders
+    assert sorted(shuffled) == list(range(16)) and shuffled != sorted(shuffled)
+    assert again == shuffled
+    assert plain == list(range(16))
 
 
 def _reach(db, job_id: str, step: int, accuracy: float, stopped: str = "early") -> None:
