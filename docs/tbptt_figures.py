@@ -81,34 +81,55 @@ INFLUENCE_RUNS = [("truncated", 2), ("truncated", 4), ("truncated", 16), ("unbia
 
 # -- 2. adaptive TBPTT on recall -------------------------------------------------------------
 
-STEPS = 1500
+STEPS = 1500  # each fixed-k2 run of the grid
+ADAPTIVE_STEPS = 3000  # an adaptive run: one run in place of the grid's six, given more updates
 
 
-def recall_config(lag: int, tbptt: dict) -> dict:
+def recall_config(lag: int, tbptt: dict, steps: int = STEPS) -> dict:
     return {
         "model": {"cell": "lstm", "hidden_size": 64},
         "data": {"kind": "recall", "vocab": 4, "lag": lag, "length": 50_000, "batch_size": 16, "valid_length": 1024},
         "tbptt": tbptt,
         "clip": {"mode": "norm", "max_norm": 1.0},
         "optim": {"name": "adam", "lr": 0.003},
-        "train": {"max_steps": STEPS, "eval_every": 100, "seed": 0, "device": "cpu"},
+        "train": {"max_steps": steps, "eval_every": 100, "seed": 0, "device": "cpu"},
     }
 
 
-def adaptive_runs() -> list[tuple[str, int, dict]]:
+def adaptive_runs() -> list[tuple[str, int, dict, int]]:
+    """(name, lag, tbptt, updates) of every run. The learning rate is constant, so the first
+    STEPS updates of an adaptive run are those of a run of STEPS updates."""
     adaptive = {"mode": "adaptive", "k1": 4, "k_min": 2, "k_max": 40, "delta": 0.05, "adapt_every": 50}
-    runs = [(f"adaptive lag {lag}", lag, adaptive) for lag in (4, 8, 12)]
-    runs += [(f"fixed k2={k} lag 8", 8, {"k1": 4, "k2": k}) for k in (4, 8, 12, 16, 24, 32)]
+    runs = [(f"adaptive lag {lag}", lag, adaptive, ADAPTIVE_STEPS) for lag in (4, 8, 12)]
+    runs += [(f"fixed k2={k} lag 8", 8, {"k1": 4, "k2": k}, STEPS) for k in (4, 8, 12, 16, 24, 32)]
     return runs
 
 
-def run_recall(task: tuple[str, int, dict]) -> dict:
+def headline(runs: list[dict]) -> dict | None:
+    """Aicher et al.'s claim, on lag 8: does the adaptive run reach the fixed-k2 grid's best
+    valid loss, and at what cost against the whole grid's (the cost of finding that k2)?"""
+    grid = [run for run in runs if run["lag"] == 8 and run["tbptt"].get("mode") != "adaptive"]
+    adaptive = next((run for run in runs if run["name"] == "adaptive lag 8"), None)
+    if not grid or adaptive is None:
+        return None
+    best = min(grid, key=lambda run: run["evals"][-1][1])
+    target = best["evals"][-1][1]
+    reached = next(((step, loss, cost) for step, loss, _, cost in adaptive["evals"] if loss <= target), None)
+    return {
+        "grid_best": best["name"], "grid_best_loss": target, "grid_cost": sum(run["backpropagated_steps"] for run in grid),
+        "grid_best_cost": best["backpropagated_steps"],
+        "adaptive_reached_at_update": reached[0] if reached else None, "adaptive_loss": reached[1] if reached else None,
+        "adaptive_cost": reached[2] if reached else None,
+    }
+
+
+def run_recall(task: tuple[str, int, dict, int]) -> dict:
     import torch
 
     torch.set_num_threads(1)
     from trainer.loop import Callback, fit
 
-    name, lag, tbptt = task
+    name, lag, tbptt, updates = task
 
     class Record(Callback):
         def __init__(self):
@@ -125,7 +146,7 @@ def run_recall(task: tuple[str, int, dict]) -> dict:
             self.evals.append((step, m["valid/loss"], m["valid/accuracy"], self.steps))
 
     record, started = Record(), time.perf_counter()
-    summary = fit(recall_config(lag, tbptt), [record])
+    summary = fit(recall_config(lag, tbptt, updates), [record])
     return {
         "name": name, "lag": lag, "tbptt": tbptt, "k2": record.k2[:: 10], "evals": record.evals,
         "valid_accuracy": summary.valid_accuracy, "wall_s": time.perf_counter() - started,
@@ -196,6 +217,7 @@ def plot(results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=["influence", "recall", "check"])
+    parser.add_argument("--runs", help="recall: only these runs (comma-separated names, e.g. 'adaptive lag 8'), the others kept from the results file")
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args()
@@ -207,11 +229,24 @@ def main() -> None:
             for run in results["influence"]:
                 print(f"influence {run['method']:9} k={run['k']:2}: θ = {run['trace'][-1][1]:+.4f} at t = {run['trace'][-1][0]}")
         if args.only in (None, "recall"):
+            chosen = adaptive_runs()
+            if args.runs:
+                names = set(args.runs.split(","))
+                chosen = [run for run in chosen if run[0] in names]
+                if len(chosen) != len(names):
+                    parser.error(f"--runs: unknown name among {sorted(names)}; known: {[run[0] for run in adaptive_runs()]}")
             with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-                results["recall"] = pool.map(run_recall, adaptive_runs())
+                fresh = {run["name"]: run for run in pool.map(run_recall, chosen)}
+            kept = {run["name"]: run for run in results.get("recall", [])}
+            results["recall"] = [fresh.get(name) or kept[name] for name, *_ in adaptive_runs() if name in fresh or name in kept]
             for run in results["recall"]:
-                last = run["evals"][-1]
-                print(f"{run['name']:20} valid loss {last[1]:.4f} acc {last[2]:.3f} backprop steps {run['backpropagated_steps']} wall {run['wall_s']:.0f}s")
+                at = {step: (loss, acc, cost) for step, loss, acc, cost in run["evals"]}
+                for step in sorted({STEPS, run["evals"][-1][0]}):
+                    if step in at:
+                        loss, acc, cost = at[step]
+                        print(f"{run['name']:20} update {step:5} valid loss {loss:.4f} acc {acc:.3f} backprop steps {cost:.0f}")
+            results["headline"] = headline(results["recall"])
+            print("headline:", results["headline"])
         if args.only in (None, "check"):
             results["check"] = check()
         RESULTS.write_text(json.dumps(results))
