@@ -5,10 +5,6 @@ reserves no GPU trains on the CPU of the same node."""
 
 from __future__ import annotations
 
-import os
-import secrets
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +13,8 @@ import pytest
 from service.store.db import repo
 from service.store.db.models import JobState
 from tests.gpu.common import DEVICE, ON_CUDA
-from tests.processes import free_port, ray_head
-from tests.workers.conftest import Stack, _wait_port
+from tests.processes import start_ray_head
+from tests.workers.conftest import Stack
 
 pytestmark = [pytest.mark.cuda, pytest.mark.redis, pytest.mark.slow]
 
@@ -30,21 +26,11 @@ TERMINAL = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
 def gpu_ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Ray head of the module's own that offers one GPU (the real one on a GPU machine;
     a resource of that name only, where the tests check their own code on a CPU)."""
-    port, temp_dir = free_port(), f"/tmp/ray-unroll-gpu-{secrets.token_hex(3)}"
-    cmd, env = ray_head(port, temp_dir, cpus=4)
-    cmd = ["--num-gpus=1" if part == "--num-gpus=0" else part for part in cmd]
-    log = (tmp_path_factory.mktemp("ray") / "head.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=env)
+    head = start_ray_head(tmp_path_factory.mktemp("ray"), cpus=4, gpus=1, cwd=ROOT)
     try:
-        _wait_port(port, 90)
-        yield f"127.0.0.1:{port}"
+        yield head.address
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run(["rm", "-rf", temp_dir], check=False)
+        head.stop()
 
 
 @pytest.fixture

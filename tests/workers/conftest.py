@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -21,56 +20,20 @@ from service.store.db import repo
 from service.store.db.models import Job, JobState
 from service.store.db.session import make_engine
 from service.store.queue import JobQueue
-from tests.processes import free_port, listening, ray_head
+from tests.processes import start_ray_head
 
 ROOT = Path(__file__).resolve().parents[2]
 LEASE_SECONDS = 3
 
 
-def _wait_port(port: int, timeout: float, proc: subprocess.Popen) -> bool:
-    """Until something listens on `port` (True), or `proc` has exited (False)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if listening(port):
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
-
-
-def _stop(proc: subprocess.Popen, temp_dir: str) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run(["rm", "-rf", temp_dir], check=False)
-
-
 @pytest.fixture(scope="session")
 def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Ray head of the test session's own (2 CPUs), stopped at the end. A free port can be
-    taken by another process (another Ray's workers bind ephemeral ports) before the head's
-    GCS binds it, and the head then exits: it starts again on another port, up to 3 times."""
-    logs = tmp_path_factory.mktemp("ray")
-    for attempt in range(3):
-        port = free_port()
-        temp_dir = f"/tmp/ray-unroll-{secrets.token_hex(3)}"
-        cmd, env = ray_head(port, temp_dir)
-        log = (logs / f"head-{attempt}.log").open("w")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=env)
-        if _wait_port(port, 90, proc):
-            break
-        _stop(proc, temp_dir)
-    else:
-        raise RuntimeError(f"the Ray head exited before listening, 3 times; see {logs}")
+    """A Ray head of the test session's own (2 CPUs), stopped at the end."""
+    head = start_ray_head(tmp_path_factory.mktemp("ray"), cwd=ROOT)
     try:
-        yield f"127.0.0.1:{port}"
+        yield head.address
     finally:
-        _stop(proc, temp_dir)
+        head.stop()
 
 
 class Stack:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import pytest
 from service.api.dashboard import built
 from service.store.db import repo
 from service.store.db.session import make_engine
-from tests.processes import free_port, listening, ray_head
+from tests.processes import RayHead, free_port, start_ray_head
 
 ROOT = Path(__file__).resolve().parents[3]
 CHROMIUM = Path(os.environ.get("UNROLL_TEST_CHROMIUM", "/usr/bin/chromium"))
@@ -56,7 +55,7 @@ class Stack:
         self.redis_url = redis_url
         self.prefix = f"unroll-dash-{secrets.token_hex(4)}"
         self.processes: list[tuple[subprocess.Popen, Path]] = []
-        self.ray_temp = f"/tmp/ray-dash-{secrets.token_hex(3)}"
+        self.head: RayHead | None = None
         self.url = ""
         self.token = ""
         self.api: httpx.Client | None = None
@@ -83,35 +82,34 @@ class Stack:
         return proc
 
     def logs(self) -> str:
-        return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}" for _, log in self.processes if log.exists())
+        logs = [log for _, log in self.processes] + ([self.head.log] if self.head else [])
+        return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}" for log in logs if log.exists())
 
     def start(self) -> None:
-        ray_port = free_port()
-        self.spawn("ray", *ray_head(ray_port, self.ray_temp))
         with _sessions(self.database_url) as session:
             project = repo.get_or_create_project(session, f"dash-{secrets.token_hex(3)}")
             self.token, _ = repo.create_token(session, project.id, name="dashboard tests")
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.spawn("api", [sys.executable, "-m", "service.cli", "api", "--port", str(port)], self.env())
+        self.head = start_ray_head(self.directory, cwd=ROOT)  # while the API starts
         _wait_for(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, 60, "unroll api", self)
-        _wait_for(lambda: listening(ray_port), 90, "the Ray head", self)
-        self.spawn("worker", [sys.executable, "-m", "service.cli", "worker"], self.env(UNROLL_RAY_ADDRESS=f"127.0.0.1:{ray_port}"))
+        self.spawn("worker", [sys.executable, "-m", "service.cli", "worker"], self.env(UNROLL_RAY_ADDRESS=self.head.address))
         self.api = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30)
 
     def stop(self) -> None:
         if self.api is not None:
             self.api.close()
-        for proc, log in reversed(self.processes):  # worker, api, then the Ray head
+        for proc, _ in reversed(self.processes):  # the worker, then the API
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
             try:
-                # A Ray head takes half a minute to stop politely; nothing of it is kept.
-                proc.wait(5 if log.name == "ray.log" else 30)
+                proc.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        shutil.rmtree(self.ray_temp, ignore_errors=True)
+        if self.head is not None:
+            self.head.stop()
 
     # -- driving the API -------------------------------------------------------------------
 

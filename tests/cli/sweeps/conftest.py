@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from service.store.db import repo
 from service.store.db.session import make_engine
 from sqlalchemy.orm import Session
-from tests.processes import free_port, listening, ray_head
+from tests.processes import RayHead, free_port, start_ray_head
 
 ROOT = Path(__file__).resolve().parents[3]
 UNROLL = [sys.executable, "-m", "service.cli"]
@@ -86,19 +86,15 @@ def service(tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_u
         started.append((proc, group))
         return proc
 
-    ray_port = free_port()
-    ray_temp = f"/tmp/ray-unroll-{secrets.token_hex(3)}"
     engine = make_engine(database_url)
+    head: RayHead | None = None
     try:
-        command, ray_env = ray_head(ray_port, ray_temp)
-        head = spawn(command, "ray-head", ray_env, group=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("UNROLL_")}
         env.update({
             "PYTHONPATH": str(ROOT),
             "UNROLL_DATABASE_URL": database_url,
             "UNROLL_REDIS_URL": redis_url,
             "UNROLL_REDIS_PREFIX": prefix,
-            "UNROLL_RAY_ADDRESS": f"127.0.0.1:{ray_port}",
             "UNROLL_ARTIFACTS": str(tmp / "artifacts"),
             "UNROLL_DATA_ROOTS": str(ROOT / "examples"),
             "UNROLL_LEASE_SECONDS": "10",
@@ -115,9 +111,10 @@ def service(tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_u
             except httpx.TransportError:
                 return False
 
-        _wait(lambda: listening(ray_port), "the Ray head", 90, head, logs[0])
+        head = start_ray_head(tmp, cwd=ROOT)  # while the API starts
+        env["UNROLL_RAY_ADDRESS"] = head.address
         spawn(UNROLL + ["worker"], "worker", env)
-        _wait(api_up, "unroll api", 60, api, logs[1])
+        _wait(api_up, "unroll api", 60, api, logs[0])
         with Session(engine) as session, session.begin():
             project = repo.get_or_create_project(session, f"sweeps-{prefix}")
             token, _ = repo.create_token(session, project.id)
@@ -125,7 +122,8 @@ def service(tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_u
     finally:
         for proc, group in reversed(started):
             _stop(proc, group)
-        subprocess.run(["rm", "-rf", ray_temp])
+        if head is not None:
+            head.stop()
         engine.dispose()
         client = redis_sync.Redis.from_url(redis_url)
         try:
