@@ -38,6 +38,13 @@ from workers.attempt import JOB_ERRORS, AttemptSpec, gpus_as_reserved, open_atte
 from workers.reporter import JobReporter
 
 MAX_RESTARTS = 2  # group restarts inside one attempt before the attempt itself fails
+RANKS_LINE = "data-parallel ranks (host:pid): "  # rank 0 logs it at each start of the group
+
+
+def rank_pids(log_lines: list[str]) -> list[list[int]]:
+    """Each start of a group in a job's log: its ranks' PIDs, by rank."""
+    return [[int(part.rsplit(":", 1)[1]) for part in line.removeprefix(RANKS_LINE).split()]
+            for line in log_lines if line.startswith(RANKS_LINE)]
 
 
 class Sink(Protocol):
@@ -59,7 +66,7 @@ class RankTrainer:
         ranks = [None] * self.sync.world
         torch.distributed.all_gather_object(ranks, f"{socket.gethostname()}:{os.getpid()}")
         if log is not None:  # which processes hold the ranks: for operators (and tests)
-            log("data-parallel ranks (host:pid): " + " ".join(ranks))
+            log(RANKS_LINE + " ".join(ranks))
         state = self.sync.broadcast_object(resume)
         local = self.sync.local_checkpoint(state)
         del state

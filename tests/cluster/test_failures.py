@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from service.store.db.models import Job, JobState
 from tests.cluster.harness import wait_for
 from tests.cluster.jobs import TERMINAL, tiny_config, undisturbed_losses
+from workers.ddp import rank_pids
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(240)]
 
@@ -263,7 +264,7 @@ def test_a_data_parallel_group_across_two_nodes_restarts_from_its_checkpoint_whe
     job_id = api.submit(config)["id"]
     records.wait(job_id, {JobState.RUNNING}, step=KILL_AT, timeout=180, logs=cluster.logs)
     records.wait_checkpointed(job_id, cluster.logs)
-    nodes = [cluster.node_of(pid) for pid in _rank_pids(records, job_id)[-1]]
+    nodes = [cluster.node_of(pid) for pid in rank_pids(records.log_lines(job_id))[-1]]
     assert len(nodes) == 2 and len(set(nodes)) == 2 and None not in nodes, nodes
     victim = next(name for name in nodes if name != "head")
     cluster.kill_raylet(victim)
@@ -274,16 +275,10 @@ def test_a_data_parallel_group_across_two_nodes_restarts_from_its_checkpoint_whe
     attempts = records.attempts(job_id)
     for earlier, later in itertools.pairwise(attempts):
         assert earlier.ended_at is not None and earlier.ended_at <= later.started_at, (earlier, later)
-    groups = _rank_pids(records, job_id)
+    groups = rank_pids(records.log_lines(job_id))
     assert len(groups) >= 2 and set(groups[-1]).isdisjoint(groups[0]), groups  # started again, on new processes
     assert records.resumed(job_id), records.runs(job_id)  # from the checkpoint, not from step 0
     reference = undisturbed_losses(config)
     got = records.losses(job_id)
     assert got.keys() == reference.keys()
     assert max(abs(got[step] - value) for step, value in reference.items()) <= 1e-5
-
-
-def _rank_pids(records, job_id: str) -> list[list[int]]:
-    """Each start of the job's group: its ranks' PIDs, as rank 0 logs them."""
-    starts = [line for line in records.log_lines(job_id) if line.startswith("data-parallel ranks")]
-    return [[int(part.rsplit(":", 1)[1]) for part in line.split(": ", 1)[1].split()] for line in starts]

@@ -13,6 +13,7 @@ from service.store.artifacts import ArtifactStore
 from service.store.db import repo
 from service.store.db.models import JobState
 from trainer import checkpoint as ckpt
+from workers.ddp import rank_pids
 
 from tests.workers.test_end_to_end import TERMINAL, tiny_config, undisturbed_losses
 
@@ -35,12 +36,10 @@ def metric(stack, job_id, name):
         return repo.read_series(session, job_id, names=[name]).get(name, [])
 
 
-def rank_pids(stack, job_id) -> list[int]:
-    """The PIDs of the job's ranks, as rank 0 logs them when the group starts."""
+def last_rank_pids(stack, job_id) -> list[int]:
+    """The PIDs of the job's ranks at the last start of its group, as rank 0 logs them."""
     with stack.sessions.begin() as session:
-        lines = [entry.line for entry in repo.read_logs(session, job_id)]
-    found = [line for line in lines if line.startswith("data-parallel ranks")]
-    return [int(part.rsplit(":", 1)[1]) for part in found[-1].split(": ", 1)[1].split()]
+        return rank_pids([entry.line for entry in repo.read_logs(session, job_id)])[-1]
 
 
 def test_group_job_matches_one_process_and_reports_from_rank_0(stack):
@@ -66,7 +65,7 @@ def test_killed_rank_resumes_and_ends_as_undisturbed(stack):
     config = group_config(400, train=train)
     job_id = stack.submit(config)
     stack.wait(job_id, {JobState.RUNNING}, step=60, timeout=300)
-    pids = rank_pids(stack, job_id)
+    pids = last_rank_pids(stack, job_id)
     assert len(pids) == 2, pids
     os.kill(pids[-1], signal.SIGKILL)  # one rank's process, as a lost node would
     job = stack.wait(job_id, TERMINAL, timeout=300)
