@@ -82,7 +82,10 @@ def test_a_flood_of_one_project_does_not_make_another_wait_behind_it(stack):
                 sa.select(Attempt.job_id).where(Attempt.started_at >= created).order_by(Attempt.started_at, Attempt.job_id)
             ).scalars().all()
         # The next free slot went to the other project, not to job 3 of 500 (FIFO would).
-        assert after[0] == submitted, f"started after the submission, in order: {after[:5]}"
+        # One flood job may start after the submission's row was written: the dispatcher can
+        # have taken it from the queue before the new job was put there (it takes one at a
+        # time, and gives back one that waits for room), so the job starts first or second.
+        assert submitted in after[:2], f"started after the submission, in order: {after[:5]}"
     finally:
         _end_queued(stack)
 

@@ -44,11 +44,12 @@ def test_http_to_worker_and_back(stack, tmp_path):
 
     job = client.submit(CONFIG)
     assert job["state"] == "queued"
-    states = [event.get("state") for event in _events_until_done(client, job["id"])]
+    seen = list(_events_until_done(client, job["id"]))
+    states = [event.get("state") for event in seen]
     assert states[0] in ("queued", "running") and states[-1] == "succeeded"
 
-    done = client.get(job["id"])
-    assert done["state"] == "succeeded" and done["attempt"] == 1 and done["progress"] == 1.0
+    done = client.get(job["id"])  # the final event is published after the commit it reports
+    assert done["state"] == "succeeded" and done["attempt"] == 1 and done["progress"] == 1.0, (done, seen, stack.worker_logs())
     series = client.metrics(job["id"], names=["train/loss", "valid/accuracy"])
     assert set(series) >= {"train/loss", "valid/accuracy"}
     assert [c["step"] for c in client.checkpoints(job["id"])] == [20, 40]
