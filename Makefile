@@ -56,12 +56,11 @@ up: $(if $(filter .venv,$(VENV)),install) $(CORPUS)
 	$(PY) -m service.cli up $(UP_ARGS)
 
 test: install browser
-	$(PY) -m pytest --ignore=tests/cluster $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The docker-compose.yml layout as processes on this machine (tests/cluster): API replicas,
-# a Ray head and more nodes, dispatchers; killing any of them loses no job. 4-6 minutes on
-# 2 cores, and its scenarios still depend on timing (a job that ends before its node is
-# killed fails the check): not yet part of `make test` (issue 20).
+# a Ray head and more nodes, dispatchers; killing any of them loses no job. About 4 minutes
+# on 2 cores; `make test` runs it too.
 cluster-test: install
 	$(PY) -m pytest tests/cluster $(PYTEST_ARGS)
 
