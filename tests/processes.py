@@ -67,8 +67,8 @@ def postgres_database(prefix: str = "unroll_test", admin_url: str = POSTGRES_ADM
 def ray_head(port: int, temp_dir: str, *, cpus: int = 2, gpus: int = 0,
              dashboard_port: int | None = None) -> tuple[list[str], dict[str, str]]:
     """`ray start --head` in the foreground for a cluster of one's own (`cpus` CPUs, `gpus`
-    GPUs as a resource Ray schedules against, files under `temp_dir`; the dashboard only with `dashboard_port`, which Ray's job API
-    needs), and its environment (token auth, the default for new clusters, made explicit;
+    GPUs as a resource Ray schedules against, files under `temp_dir`; the dashboard only
+    with `dashboard_port`, which Ray's job API needs), and its environment (token auth, the default for new clusters, made explicit;
     tests/conftest.py and bench/dispatch.py provide the token)."""
     dashboard = ["--include-dashboard=true", f"--dashboard-port={dashboard_port}"] if dashboard_port else ["--include-dashboard=false"]
     command = [

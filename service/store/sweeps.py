@@ -118,6 +118,13 @@ def k2_follows_k1(base: dict[str, Any], grid: dict[str, list[Any]]) -> bool:
     return "tbptt.k1" in grid and "tbptt.k2" not in grid and isinstance(tbptt, dict) and "k2" in tbptt
 
 
+def base_seed(base: dict[str, Any]) -> int:
+    """The base config's train.seed, 0 when it sets none (or not an integer): the sweep's
+    seeds count up from it, and an early-stopped sweep's launch order is drawn from it."""
+    seed = get_path(base, "train.seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+
+
 def expand(base: dict[str, Any], grid: dict[str, list[Any]], seeds: int) -> list[SweepJobSpec]:
     """Every job of the sweep, in grid order (the last axis varies fastest, then seeds)."""
     for path, values in grid.items():
@@ -128,16 +135,14 @@ def expand(base: dict[str, Any], grid: dict[str, list[Any]], seeds: int) -> list
     base = copy.deepcopy(base)
     if k2_follows_k1(base, grid):
         del base["tbptt"]["k2"]
-    base_seed = get_path(base, "train.seed")
-    if not isinstance(base_seed, int) or isinstance(base_seed, bool):
-        base_seed = 0
+    seed0 = base_seed(base)
     jobs = []
     for point in grid_points(grid):
         for offset in range(seeds):
             config = copy.deepcopy(base)
             for path, value in point.items():
                 set_path(config, path, value)
-            seed = base_seed + offset
+            seed = seed0 + offset
             if "train.seed" not in point:
                 set_path(config, "train.seed", seed)
             jobs.append(SweepJobSpec(config, point, seed))

@@ -104,8 +104,7 @@ def _create(session, project_id: str, body: SweepCreate, configs, settled: dict[
         job, _ = repo.create_job(session, project_id=project_id, sweep_id=sweep.id, **job_fields(config))
         queued.append((job.id, job.priority, project_id))
     if settled is not None:
-        seed = sweeps.get_path(body.base, "train.seed")
-        queued = early_stop.launch_order(queued, seed if isinstance(seed, int) and not isinstance(seed, bool) else 0)
+        queued = early_stop.launch_order(queued, sweeps.base_seed(body.base))
     return _summary(session, sweep), queued
 
 
